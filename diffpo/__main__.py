@@ -1,0 +1,7 @@
+"""``python -m diffpo`` and ``accelerate launch -m diffpo ...``."""
+
+import sys
+
+from diffpo.cli import main
+
+sys.exit(main())

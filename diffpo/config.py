@@ -1,0 +1,327 @@
+"""Typed, strict configuration: one documented dataclass per component is the Python API, the YAML
+schema and the CLI (``key=value`` overrides with dotted paths).
+
+Unknown keys fail with the nearest valid key; values are checked against their annotated types and
+``Literal`` choices; relations between fields are checked in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; its message names the key and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which diffusion stack to load and how."""
+
+    pretrained: str = "tiny"  # hub id, local diffusers folder, or "tiny" (the bundled model)
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" weight files on the hub
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler's own
+    vae: str | None = None  # a separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the UNet through peft (used when ``finetune: lora``)."""
+
+    rank: int = 8
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank={self.rank} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must lie in [0, 1)")
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy for full fine-tuning (LoRA uses adapters-disabled instead)."""
+
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: the mixed-precision dtype
+    offload: bool = False  # keep its weights on the CPU, streamed to the device per forward
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the trained weights, exported instead of the raw ones."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+
+    def __post_init__(self):
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"ema.decay={self.decay} must lie in (0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Preference pairs: Pick-a-Pic-format parquet, a JSONL manifest or a ``datasets`` id."""
+
+    source: str = ""  # parquet file / folder / glob, a .jsonl manifest, or a datasets hub id
+    format: Literal["auto", "parquet", "jsonl", "hub"] = "auto"
+    split: str = "train"
+    image_0_column: str = "jpg_0"
+    image_1_column: str = "jpg_1"
+    label_column: str = "label_0"  # 1: image_0 preferred, 0: image_1 preferred, 0.5: tie
+    caption_column: str = "caption"
+    keep_ties: bool = False
+    max_pairs: int | None = None
+    resolution: int | None = None  # None: the model's native resolution
+    crop: Literal["center", "random"] = "center"
+    flip: Literal["none", "joint", "independent"] = "none"  # horizontal flip of a pair's images
+    prompt_dropout: float = 0.0  # probability of training a pair on the empty prompt
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.prompt_dropout <= 1.0:
+            raise ConfigError(f"data.prompt_dropout={self.prompt_dropout} must lie in [0, 1]")
+        if self.resolution is not None and self.resolution <= 0:
+            raise ConfigError(f"data.resolution={self.resolution} must be positive")
+
+
+@dataclass
+class CacheConfig:
+    """Precomputed VAE latent distributions and text embeddings (``diffpo cache``)."""
+
+    enabled: bool = False
+    dir: str = ".cache/diffpo"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    shard_size: int = 1024  # pairs per safetensors shard
+
+
+@dataclass
+class ObjectiveConfig:
+    """Hyperparameters of the preference objective."""
+
+    beta: float = 5000.0  # DESIGN.md convention: loss = -log sigmoid(-beta/2 (dtheta - dref))
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"objective.beta={self.beta} must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    lr: float = 1e-5
+    scale_lr: bool = False  # lr x (pairs per device x accumulation x processes), as Diffusion-DPO
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant_with_warmup"
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.lr < 0:
+            raise ConfigError(f"optim.lr={self.lr} must be >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run: ``diffpo train CONFIG [key=value ...]``."""
+
+    method: str = "diffusion_dpo"  # a name in diffpo.objectives.METHODS
+    output_dir: str = "runs/diffpo"
+    seed: int = 0
+    finetune: Literal["lora", "full"] = "lora"
+    max_steps: int = 100  # optimizer steps
+    train_batch_size: int = 8  # pairs per device per micro-step
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0: only at the end
+    checkpoints_total_limit: int | None = 3
+    resume_from: str | None = None  # "latest" or a checkpoint folder
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = "none"
+    progress_bar: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.cache.enabled and self.data.crop == "random":
+            raise ConfigError(
+                "cache.enabled=true stores one crop per image: set data.crop=center or cache.enabled=false"
+            )
+        from diffpo.objectives import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is unknown{_suggest(self.method, METHODS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing: dict -> dataclass, strictly
+# --------------------------------------------------------------------------------------------
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    listed = ", ".join(sorted(options))
+    return f"; did you mean {close[0]!r}?" if close else f"; valid: {listed}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: None is not allowed")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {hint.__name__} fields, got {value!r}")
+        return from_dict(hint, value, prefix=f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {error}") from None
+
+
+def to_dict(config) -> dict:
+    """The config as plain YAML-able data (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-5)")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: '{part}' is not a section")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return data
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] = ()):
+    """Read YAML ``path`` (optional), apply ``key=value`` overrides, build ``cls`` strictly."""
+    data = read_yaml(path) if path else {}
+    return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+def save_config(config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,175 @@
+"""Preference pairs: Pick-a-Pic-format parquet, JSONL manifests and ``datasets`` ids.
+
+Every source is read through ``datasets`` (memory-mapped Arrow, so a multi-GB parquet folder is
+not loaded into RAM). A row holds two images, a caption and ``label_0`` (1: image 0 preferred,
+0: image 1 preferred, 0.5: tie). Each item is ordered winner first and augmented with a generator
+seeded by (seed, epoch, index), so a resumed run sees exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffpo.data.images import decode_image, resize_and_crop, resized_shape
+
+VALID_LABELS = (0.0, 0.5, 1.0)
+
+
+class DataError(ValueError):
+    """A dataset problem (missing column, no pairs left); the message says what to change."""
+
+
+def _detect_format(source: str) -> str:
+    if source.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if source.endswith(".parquet") or os.path.isdir(source) or any(ch in source for ch in "*?["):
+        return "parquet"
+    return "hub"
+
+
+def load_table(source: str, fmt: str = "auto", split: str = "train"):
+    """A ``datasets.Dataset`` from a parquet file/folder/glob, a JSONL manifest or a hub id."""
+    import datasets
+
+    if not source:
+        raise DataError("data.source is empty: set it to a parquet file/folder, a .jsonl manifest or a datasets id")
+    fmt = _detect_format(source) if fmt == "auto" else fmt
+    datasets.disable_progress_bars()
+    if fmt == "parquet":
+        files = sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True)) if os.path.isdir(source) else sorted(glob.glob(source))
+        if not files:
+            raise DataError(f"data.source={source!r}: no parquet files found there")
+        return datasets.load_dataset("parquet", data_files=files, split="train")
+    if fmt == "jsonl":
+        if not os.path.isfile(source):
+            raise DataError(f"data.source={source!r}: manifest file does not exist")
+        return datasets.load_dataset("json", data_files=source, split="train")
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as error:
+        raise DataError(
+            f"data.source={source!r}: could not load it as a datasets id ({error.__class__.__name__}); "
+            "check the id and network, or pass local parquet files"
+        ) from None
+
+
+def flip_decisions(seed: int, epoch: int, index: int, mode: str) -> tuple[bool, bool]:
+    """Whether to flip the winner and the loser image of pair ``index`` in ``epoch``."""
+    if mode == "none":
+        return False, False
+    rng = np.random.default_rng([seed, epoch, index, 1])
+    if mode == "joint":
+        flip = bool(rng.random() < 0.5)
+        return flip, flip
+    return bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+
+
+class PreferencePairs(torch.utils.data.Dataset):
+    """Winner-first preference pairs with pixels in [-1, 1] and SDXL micro-conditioning."""
+
+    def __init__(
+        self,
+        table,
+        resolution: int,
+        image_0_column: str = "jpg_0",
+        image_1_column: str = "jpg_1",
+        label_column: str = "label_0",
+        caption_column: str = "caption",
+        keep_ties: bool = False,
+        max_pairs: int | None = None,
+        crop: str = "center",
+        flip: str = "none",
+        seed: int = 0,
+        base_dir: str | Path | None = None,
+    ):
+        missing = [c for c in (image_0_column, image_1_column, label_column, caption_column) if c not in table.column_names]
+        if missing:
+            raise DataError(
+                f"dataset is missing column(s) {missing}; it has {table.column_names}: set data.image_0_column / "
+                "image_1_column / label_column / caption_column"
+            )
+        labels = np.asarray(table[label_column], dtype=np.float64)
+        bad = ~np.isin(labels, VALID_LABELS)
+        if bad.any():
+            raise DataError(f"{label_column} must be 0, 0.5 or 1; row {int(np.argmax(bad))} has {labels[bad][0]}")
+        rows = np.arange(len(labels)) if keep_ties else np.flatnonzero(labels != 0.5)
+        if max_pairs is not None:
+            rows = rows[:max_pairs]
+        if len(rows) == 0:
+            what = "every pair is a tie (label 0.5)" if len(labels) else "the dataset is empty"
+            raise DataError(f"no preference pairs to train on: {what}; set data.keep_ties=true or use other data")
+        self.table, self.rows, self.labels = table, rows, labels
+        self.columns = (image_0_column, image_1_column, caption_column)
+        self.resolution, self.crop, self.flip, self.seed = resolution, crop, flip, seed
+        self.base_dir = Path(base_dir) if base_dir else None
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def caption(self, index: int) -> str:
+        return str(self.table[int(self.rows[index])][self.columns[2]] or "")
+
+    def __getitem__(self, index: int) -> dict:
+        row = int(self.rows[index])
+        record = self.table[row]
+        col0, col1, col_caption = self.columns
+        label = self.labels[row]
+        first, second = (col0, col1) if label >= 0.5 else (col1, col0)
+        rng = np.random.default_rng([self.seed, self.epoch, index, 0])
+        flips = flip_decisions(self.seed, self.epoch, index, self.flip)
+        item = {"index": index, "caption": str(record[col_caption] or ""), "label": float(label)}
+        for name, column, flip in (("w", first, flips[0]), ("l", second, flips[1])):
+            image = decode_image(record[column], self.base_dir, where=f"row {row} column {column}")
+            crop = None
+            if self.crop == "random":
+                h, w = resized_shape(image.size, self.resolution)
+                crop = (int(rng.integers(0, h - self.resolution + 1)), int(rng.integers(0, w - self.resolution + 1)))
+            pixels, crop = resize_and_crop(image, self.resolution, crop)
+            if flip:
+                pixels = pixels.flip(-1)
+            item[f"pixels_{name}"] = pixels
+            item[f"original_size_{name}"] = torch.tensor([image.height, image.width])
+            item[f"crop_{name}"] = torch.tensor(crop)
+        return item
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], (int, float)):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+def build_pairs(data_config, resolution: int, seed: int) -> PreferencePairs:
+    """The training dataset a ``DataConfig`` describes."""
+    table = load_table(data_config.source, data_config.format, data_config.split)
+    base_dir = Path(data_config.source).parent if data_config.source.endswith((".jsonl", ".json")) else None
+    return PreferencePairs(
+        table,
+        resolution=resolution,
+        image_0_column=data_config.image_0_column,
+        image_1_column=data_config.image_1_column,
+        label_column=data_config.label_column,
+        caption_column=data_config.caption_column,
+        keep_ties=data_config.keep_ties,
+        max_pairs=data_config.max_pairs,
+        crop=data_config.crop,
+        flip=data_config.flip,
+        seed=seed,
+        base_dir=base_dir,
+    )

@@ -1,0 +1,35 @@
+"""Write preference pairs in the Pick-a-Pic column format (``jpg_0``, ``jpg_1``, ``label_0``, ``caption``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from diffpo.data.images import encode_png
+
+
+def write_pairs_parquet(path: str | Path, pairs: list[dict]) -> Path:
+    """``pairs``: dicts with ``image_0``, ``image_1`` (PIL), ``label_0`` and ``caption``; any other
+    scalar keys (scores, seeds) are kept as extra columns for auditing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not pairs:
+        raise ValueError("no pairs to write")
+    columns: dict[str, list] = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": []}
+    extra = [k for k in pairs[0] if k not in ("image_0", "image_1", "label_0", "caption")]
+    for key in extra:
+        columns[key] = []
+    for pair in pairs:
+        for key, image_key in (("jpg_0", "image_0"), ("jpg_1", "image_1")):
+            image = pair[image_key]
+            columns[key].append(encode_png(image) if isinstance(image, Image.Image) else bytes(image))
+        columns["label_0"].append(float(pair["label_0"]))
+        columns["caption"].append(str(pair["caption"]))
+        for key in extra:
+            columns[key].append(pair[key])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path

@@ -1,0 +1,127 @@
+"""The shared denoising kernel: pure tensor functions, no I/O, no accelerate.
+
+Every trainer in diffpo noises pairs, computes targets and per-sample errors here, so the
+conventions of DESIGN.md hold in one place:
+
+* winner and loser of a pair share one noise tensor and one timestep (Diffusion-DPO, Wallace et
+  al. 2024, Eq. 14 evaluates both at the same x_t construction), including input-perturbation noise;
+* the per-sample error is the mean over every non-batch dim of (target - prediction)^2, in fp32, so
+  image (B, C, H, W) and video (B, C, F, H, W) latents go through the same code;
+* the policy sees winners and losers as one concatenated batch [w_1..w_B, l_1..l_B], and the
+  reference runs on that same batch under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# A denoiser maps (noisy latents, timesteps, conditioning kwargs) to the model's raw prediction.
+Denoiser = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+@dataclass
+class NoisedPairs:
+    """Winners then losers along the batch dim: (2B, ...) tensors, plus the (2B,) timesteps."""
+
+    noisy: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+
+
+def pair_noise(
+    latents_w: torch.Tensor,
+    num_train_timesteps: int,
+    generator: torch.Generator | None = None,
+    timestep_range: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gaussian noise tensor (B, ...) and one timestep (B,) per pair, drawn on ``generator``.
+
+    Drawn on the CPU so that a seed gives the same numbers on every device and process count.
+    """
+    low, high = timestep_range or (0, num_train_timesteps)
+    noise = torch.randn(latents_w.shape, generator=generator, dtype=torch.float32)
+    timesteps = torch.randint(low, high, (latents_w.shape[0],), generator=generator)
+    return noise.to(latents_w.device, latents_w.dtype), timesteps.to(latents_w.device)
+
+
+def noise_pairs(
+    scheduler,
+    latents_w: torch.Tensor,
+    latents_l: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    input_perturbation: float = 0.0,
+    perturbation: torch.Tensor | None = None,
+) -> NoisedPairs:
+    """Noise winners and losers with the *same* ``noise`` and ``timesteps`` (each (B, ...)/(B,)).
+
+    ``input_perturbation`` (Ning et al. 2023) adds ``gamma * perturbation`` to the noise that
+    builds x_t but not to the target; the perturbation is shared by the pair as well.
+    """
+    if latents_w.shape != latents_l.shape:
+        raise ValueError(f"winner latents {tuple(latents_w.shape)} and loser latents {tuple(latents_l.shape)} differ")
+    if noise.shape != latents_w.shape or timesteps.shape != latents_w.shape[:1]:
+        raise ValueError("noise must match the winner latents and timesteps must be (B,)")
+    latents = torch.cat([latents_w, latents_l])
+    noise2 = noise.repeat(2, *([1] * (noise.ndim - 1)))
+    timesteps2 = timesteps.repeat(2)
+    build_noise = noise2
+    if input_perturbation:
+        if perturbation is None:
+            raise ValueError("input_perturbation > 0 needs a perturbation tensor")
+        build_noise = noise2 + input_perturbation * perturbation.repeat(2, *([1] * (noise.ndim - 1)))
+    noisy = scheduler.add_noise(latents, build_noise, timesteps2)
+    return NoisedPairs(noisy=noisy, noise=noise2, timesteps=timesteps2, latents=latents)
+
+
+def prediction_target(
+    prediction_type: str, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet should predict: the noise (``epsilon``) or v = sqrt(a)·eps - sqrt(1-a)·x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(
+        f"prediction_type {prediction_type!r} is not supported: use 'epsilon' or 'v_prediction' "
+        "(set model.prediction_type or the scheduler config)"
+    )
+
+
+def per_sample_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """e = mean over every non-batch dim of (target - prediction)^2, computed in fp32 -> (B,)."""
+    diff = target.float() - prediction.float()
+    return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
+
+
+@dataclass
+class PairErrors:
+    """Per-pair errors of policy and reference on winners (w) and losers (l), each (B,)."""
+
+    policy_w: torch.Tensor
+    policy_l: torch.Tensor
+    ref_w: torch.Tensor | None
+    ref_l: torch.Tensor | None
+
+
+def pair_errors(
+    policy: Denoiser,
+    reference: Denoiser | None,
+    noised: NoisedPairs,
+    conditioning: dict,
+    target: torch.Tensor,
+) -> PairErrors:
+    """Errors of the policy (with grad) and the reference (no grad) from one forward each on the
+    concatenated (2B, ...) batch; ``reference=None`` skips it (reference-free objectives, SFT)."""
+    prediction = policy(noised.noisy, noised.timesteps, conditioning)
+    policy_w, policy_l = per_sample_error(prediction, target).chunk(2)
+    ref_w = ref_l = None
+    if reference is not None:
+        with torch.no_grad():
+            ref_prediction = reference(noised.noisy, noised.timesteps, conditioning)
+        ref_w, ref_l = per_sample_error(ref_prediction, target).chunk(2)
+    return PairErrors(policy_w=policy_w, policy_l=policy_l, ref_w=ref_w, ref_l=ref_l)

@@ -1,0 +1,163 @@
+"""Load a diffusion stack from a hub id, a local diffusers folder, or the bundled tiny model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffpo.models.families import TextEmbeddings, family_for
+
+BUNDLED = {"tiny": "tiny-sd-shapes"}
+
+
+def assets_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "assets"
+
+
+def resolve_source(pretrained: str) -> str:
+    """``tiny`` -> the bundled model folder; a local folder must exist; else a hub id."""
+    if pretrained in BUNDLED:
+        path = assets_dir() / BUNDLED[pretrained]
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"the bundled model {pretrained!r} is missing at {path}: reinstall diffpo from a full checkout")
+        return str(path)
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json): pass the folder that holds it")
+        return str(path)
+    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+        raise FileNotFoundError(f"model path {pretrained!r} does not exist: pass a local diffusers folder or a hub id like 'org/name'")
+    return pretrained
+
+
+def read_model_index(source: str, revision: str | None = None) -> dict:
+    local = Path(source) / "model_index.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(source, revision=revision)
+    except Exception as error:  # hub errors come in many classes; the message is what matters
+        raise OSError(
+            f"could not fetch {source!r} from the model hub ({error.__class__.__name__}): check the id and your "
+            "network, or download it and pass the local folder"
+        ) from None
+
+
+@dataclass
+class DiffusionStack:
+    """The components a trainer needs, plus the family that knows how to use them."""
+
+    source: str
+    family: object
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: object  # DDPMScheduler for training
+    prediction_type: str
+    revision: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """A VAE latent sample mean + std·eps, shifted and scaled as the UNet expects."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (mean + std * eps - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] (N, 3, H, W) -> latent distribution mean and std, fp32."""
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> TextEmbeddings:
+        return self.family.encode_prompts(self.tokenizers, self.text_encoders, list(prompts))
+
+    def load_unet(self, dtype=torch.float32):
+        """A fresh copy of the base UNet read from the source (for a frozen reference)."""
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(self.source, subfolder="unet", revision=self.revision, torch_dtype=dtype)
+
+    def pipeline(self, unet=None, scheduler=None):
+        """A diffusers pipeline over these components (optionally another UNet/scheduler)."""
+        from diffusers import DDIMScheduler
+
+        parts = {"unet": unet or self.unet, "vae": self.vae, "scheduler": scheduler or DDIMScheduler.from_config(self.noise_scheduler.config)}
+        for (tok_name, enc_name, _), tok, enc in zip(self.family.text_encoder_names, self.tokenizers, self.text_encoders):
+            parts[tok_name], parts[enc_name] = tok, enc
+        cls = self.family.pipeline_class
+        if self.family.name == "sd":
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return cls(**parts)
+
+
+def load_stack(
+    pretrained: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    prediction_type: str | None = None,
+    vae: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> DiffusionStack:
+    """Load the UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler."""
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    source = resolve_source(pretrained)
+    index = read_model_index(source, revision)
+    family = family_for(index.get("_class_name", ""))
+    common = dict(revision=revision, variant=variant)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
+    vae_model = (
+        AutoencoderKL.from_pretrained(resolve_source(vae), torch_dtype=dtype)
+        if vae
+        else AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
+    )
+    tokenizers, encoders = [], []
+    for tok_name, enc_name, enc_class in family.text_encoder_names:
+        tokenizers.append(transformers.CLIPTokenizer.from_pretrained(source, subfolder=tok_name, revision=revision))
+        encoder_cls = getattr(transformers, enc_class)
+        encoders.append(encoder_cls.from_pretrained(source, subfolder=enc_name, torch_dtype=dtype, **common))
+    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+    if prediction_type is not None:
+        scheduler.register_to_config(prediction_type=prediction_type)
+    for module in [unet, vae_model, *encoders]:
+        module.to(device)
+        module.requires_grad_(False)
+        module.eval()
+    return DiffusionStack(
+        source=source,
+        family=family,
+        unet=unet,
+        vae=vae_model,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        noise_scheduler=scheduler,
+        prediction_type=scheduler.config.prediction_type,
+        revision=revision,
+    )
+
+
+def unet_denoiser(unet):
+    """The kernel's ``Denoiser`` for a UNet: (x_t, t, conditioning) -> raw prediction."""
+
+    def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        return unet(noisy, timesteps, **conditioning, return_dict=False)[0]
+
+    return denoise

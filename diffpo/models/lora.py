@@ -1,0 +1,45 @@
+"""LoRA on the UNet through peft, and export in the format ``pipe.load_lora_weights`` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def attach_lora(unet, rank: int, alpha: float | None, dropout: float, target_modules: list[str]) -> list:
+    """Freeze the UNet, add a LoRA adapter (A Gaussian, B = 0, so the policy starts equal to the
+    base model), and return the trainable LoRA parameters."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(target_modules),
+        )
+    )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"lora.target_modules={list(target_modules)} matched no UNet module: use names like to_q, to_k, to_v, to_out.0")
+    return params
+
+
+def export_lora(unet, pipeline_class, out_dir: str | Path) -> Path:
+    """Write the UNet's LoRA as ``pytorch_lora_weights.safetensors`` (diffusers format, with the
+    adapter config as metadata so alpha survives loading)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    metadata = unet.peft_config["default"].to_dict()
+    pipeline_class.save_lora_weights(
+        out_dir, unet_lora_layers=state, weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata
+    )
+    return out_dir / LORA_WEIGHT_NAME

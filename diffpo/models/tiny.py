@@ -1,0 +1,88 @@
+"""Tiny diffusion components, built in code: the bundled model's architecture and test fixtures.
+
+They are real diffusers/transformers classes with small configs, so every code path that loads,
+trains or exports them is the one used for SD1.5-sized weights.
+"""
+
+from __future__ import annotations
+
+
+def tiny_unet_config(cross_attention_dim: int = 64, sample_size: int = 16) -> dict:
+    """A ~2.5 M-parameter ``UNet2DConditionModel`` config, cross-attention at 8x8 and 4x4."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 96),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def tiny_vae_config(sample_size: int = 32) -> dict:
+    """A 0.66 M-parameter ``AutoencoderKL`` config with a downsampling factor of 2."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size,
+    )
+
+
+def tiny_text_encoder_config(tokenizer, hidden_size: int = 64) -> dict:
+    """A 2-layer ``CLIPTextModel`` config matching ``tokenizer``'s vocabulary and special ids."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_sd_components(seed: int = 0, num_merges: int = 6000) -> dict:
+    """Randomly initialised components of a tiny ``StableDiffusionPipeline`` (SD1.x layout)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffpo.models.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(num_merges)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config(tokenizer)))
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    vae = AutoencoderKL(**tiny_vae_config())
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+    )

@@ -1,0 +1,40 @@
+"""Preference objectives. ``METHODS`` maps a method name to how a trainer runs it.
+
+A new method that fits the offline-pairs loop costs one ``Method`` entry here: the function that
+turns ``PairErrors`` into a per-pair loss, and whether it needs reference errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffpo.objectives.dpo import diffusion_dpo_loss, sft_loss
+
+
+@dataclass(frozen=True)
+class Method:
+    loop: str  # the trainer module in diffpo.trainers that runs it
+    needs_reference: bool
+    loss: Callable  # (PairErrors, ObjectiveConfig) -> (per-pair loss (B,), metrics)
+    paper: str
+
+
+def _dpo(errors, objective) -> tuple[torch.Tensor, dict]:
+    return diffusion_dpo_loss(
+        errors.policy_w, errors.policy_l, errors.ref_w, errors.ref_l, objective.beta, objective.loss_type
+    )
+
+
+def _sft(errors, objective) -> tuple[torch.Tensor, dict]:
+    return sft_loss(errors.policy_w)
+
+
+METHODS: dict[str, Method] = {
+    "diffusion_dpo": Method("offline_pairs", True, _dpo, "Wallace et al., Diffusion Model Alignment Using DPO, CVPR 2024"),
+    "sft": Method("offline_pairs", False, _sft, "supervised fine-tuning on preferred images (baseline)"),
+}
+
+__all__ = ["METHODS", "Method", "diffusion_dpo_loss", "sft_loss"]

@@ -1,0 +1,145 @@
+"""Pieces every training loop shares: run directory, optimizer, checkpoints, metrics, RNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from diffpo.config import ConfigError, save_config
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def prepare_run_dir(config, is_main: bool) -> Path:
+    """Create the run folder and write the resolved config (``diffpo train RUN/config.yaml`` reruns it)."""
+    run_dir = Path(config.output_dir)
+    if is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / "config.yaml")
+        except OSError as error:
+            raise ConfigError(f"output_dir={str(run_dir)!r} is not writable ({error.strerror}): choose another folder") from None
+    return run_dir
+
+
+def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
+    """The CPU generator of one micro-step: noise, timesteps, latent samples and prompt dropout
+    are all drawn from it, so resuming at any step reproduces the uninterrupted run exactly."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 1_009 + process_index)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from (seed, epoch): the data order is a function of the step."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def build_optimizer(params, optim):
+    lr = optim.lr
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                                 eps=optim.adam_epsilon, weight_decay=optim.weight_decay)
+    if optim.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'diffpo[bnb]'") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                                   eps=optim.adam_epsilon, weight_decay=optim.weight_decay)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                     weight_decay=optim.weight_decay)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with a trainer state), oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(run_dir: Path, resume_from: str | None) -> Path | None:
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = checkpoint_dirs(run_dir)
+        return found[-1] if found else None  # nothing saved yet: start from scratch
+    path = Path(resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"resume_from={resume_from!r} is not a diffpo checkpoint folder (no {STATE_FILE}); use 'latest' or a checkpoints/step-N folder")
+    return path
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None) -> Path:
+    """``accelerator.save_state`` into a temporary folder, then an atomic rename; keep the last ``keep``."""
+    root = run_dir / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{state['global_step']}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state['global_step']}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if keep:
+            for old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and to accelerate trackers."""
+
+    def __init__(self, accelerator, path: Path):
+        self.accelerator, self.path = accelerator, path
+        self.last_time, self.pairs_since = time.time(), 0
+
+    def count(self, pairs: int) -> None:
+        self.pairs_since += pairs
+
+    def write(self, step: int, values: dict) -> dict:
+        now = time.time()
+        record = {"step": step, **{k: (float(v) if not isinstance(v, str) else v) for k, v in values.items()}}
+        record["pairs_per_s"] = self.pairs_since * self.accelerator.num_processes / max(now - self.last_time, 1e-9)
+        self.last_time, self.pairs_since = now, 0
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        return record
+
+
+def check_finite(loss: torch.Tensor, step: int, captions: list[str], run_dir: Path) -> None:
+    if not math.isfinite(float(loss.detach())):
+        found = checkpoint_dirs(run_dir)
+        last = str(found[-1]) if found else "none yet"
+        raise FloatingPointError(
+            f"loss is {float(loss.detach())} at step {step} (captions: {captions[:4]}); last good checkpoint: {last}. "
+            "Lower optim.lr or objective.beta, or check the data"
+        )

@@ -1,0 +1,222 @@
+"""The offline-pairs loop: Diffusion-DPO, SFT and every method that learns from a fixed set of
+preference pairs. One file, top to bottom: set up, (resume), train, export.
+
+Per micro-step: get latent distributions and text embeddings (from the cache, or by running the
+VAE and text encoders), draw everything random from the step's own generator, noise winner and
+loser with shared noise and timestep, compute policy and reference errors in one concatenated
+forward each, apply the method's objective, step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffpo.config import TrainConfig
+from diffpo.kernel.denoising import noise_pairs, pair_errors, pair_noise, prediction_target
+from diffpo.models.families import TextEmbeddings, sdxl_time_ids
+from diffpo.objectives import METHODS
+from diffpo.trainers.common import (
+    STATE_FILE,
+    WEIGHT_DTYPES,
+    EpochSampler,
+    MetricsLog,
+    build_optimizer,
+    check_finite,
+    prepare_run_dir,
+    resolve_resume,
+    save_checkpoint,
+    step_generator,
+)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run the offline-pairs loop for ``config``; returns the run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, cast_training_params
+
+    from diffpo.data.cache import CachedPairs, build_cache
+    from diffpo.data.pairs import build_pairs, collate_pairs
+    from diffpo.models.loading import load_stack, unet_denoiser
+    from diffpo.models.lora import attach_lora, export_lora
+    from diffpo.models.reference import AdaptersDisabledReference, FrozenCopyReference
+
+    # ---- set-up -------------------------------------------------------------------------------
+    trackers = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")),
+    )
+    run_dir = prepare_run_dir(config, accelerator.is_main_process)
+    set_seed(config.seed)
+    method = METHODS[config.method]
+    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+    stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
+                       config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device)
+    unet = stack.unet
+    resolution = config.data.resolution or stack.native_resolution
+    if resolution % stack.vae_scale_factor:
+        raise ValueError(f"data.resolution={resolution} is not divisible by the VAE factor {stack.vae_scale_factor}")
+
+    if config.finetune == "lora":
+        params = attach_lora(unet, config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules)
+        cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
+        reference = AdaptersDisabledReference(unet) if method.needs_reference else None
+    else:
+        unet.to(dtype=torch.float32).requires_grad_(True)
+        params = list(unet.parameters())
+        ref_dtype = weight_dtype if config.reference.dtype == "auto" else WEIGHT_DTYPES[{"fp32": "no"}.get(config.reference.dtype, config.reference.dtype)]
+        reference = (FrozenCopyReference(stack.load_unet(), accelerator.device, ref_dtype, config.reference.offload)
+                     if method.needs_reference else None)
+    unet.train()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    pairs = build_pairs(config.data, resolution, config.seed)
+    if config.cache.enabled:
+        with accelerator.main_process_first():
+            folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
+                                 progress=accelerator.is_main_process)
+        dataset = CachedPairs(folder, [pairs.caption(i) for i in range(len(pairs))], config.data.flip, config.seed)
+        empty = dataset.empty_prompt()
+        empty_text = TextEmbeddings(empty["hidden"].to(accelerator.device, weight_dtype),
+                                    empty["pooled"].to(accelerator.device, weight_dtype) if "pooled" in empty else None)
+    else:
+        dataset = pairs
+        empty_text = stack.encode_prompts([""])
+    sampler = EpochSampler(len(dataset), config.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
+                                         collate_fn=collate_pairs, num_workers=config.data.num_workers, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} pairs do not fill one batch of train_batch_size={config.train_batch_size}")
+
+    lr = config.optim.lr
+    if config.optim.scale_lr:  # Diffusion-DPO: lr x total pairs per optimizer step
+        lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = build_optimizer(params, config.optim)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    lr_schedule = get_scheduler(config.optim.lr_scheduler, optimizer,
+                                num_warmup_steps=config.optim.warmup_steps * accelerator.num_processes,
+                                num_training_steps=config.max_steps * accelerator.num_processes)
+    unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)
+    ema = None
+    if config.ema.enabled:
+        ema = EMAModel(params, decay=config.ema.decay)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    policy = unet_denoiser(unet)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
+
+    # ---- resume -------------------------------------------------------------------------------
+    global_step = micro_step = 0
+    checkpoint = resolve_resume(run_dir, config.resume_from)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        global_step, micro_step = state["global_step"], state["micro_step"]
+        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    elif accelerator.is_main_process:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    log = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+
+    # ---- one micro-step -----------------------------------------------------------------------
+    def micro_batch_loss(batch: dict, generator: torch.Generator):
+        if "mean_w" in batch:  # from the cache
+            mean = torch.cat([batch["mean_w"], batch["mean_l"]]).to(accelerator.device, torch.float32)
+            std = torch.cat([batch["std_w"], batch["std_l"]]).to(accelerator.device, torch.float32)
+            text = TextEmbeddings(batch["hidden"].to(accelerator.device, weight_dtype),
+                                  batch["pooled"].to(accelerator.device, weight_dtype) if "pooled" in batch else None)
+        else:
+            mean, std = stack.encode_images(torch.cat([batch["pixels_w"], batch["pixels_l"]]))
+            text = stack.encode_prompts(batch["caption"])
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        latents = stack.latents_from_distribution(mean, std, eps).to(weight_dtype)
+        latents_w, latents_l = latents.chunk(2)
+        drop = torch.rand(latents_w.shape[0], generator=generator) < config.data.prompt_dropout
+        text = text.where(drop, empty_text).repeat_pairs()
+        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, generator)
+        noised = noise_pairs(stack.noise_scheduler, latents_w, latents_l, noise, timesteps)
+        target = prediction_target(stack.prediction_type, stack.noise_scheduler, noised.latents, noised.noise, noised.timesteps)
+        time_ids = None
+        if stack.family.name == "sdxl":
+            time_ids = sdxl_time_ids(torch.cat([batch["original_size_w"], batch["original_size_l"]]),
+                                     torch.cat([batch["crop_w"], batch["crop_l"]]), resolution)
+        conditioning = stack.family.unet_conditioning(text, time_ids)
+        errors = pair_errors(policy, reference, noised, conditioning, target)
+        per_pair, metrics = method.loss(errors, config.objective)
+        return per_pair.mean(), metrics
+
+    # ---- train --------------------------------------------------------------------------------
+    progress = tqdm(total=config.max_steps, initial=global_step, desc=f"train {config.method}",
+                    disable=not (accelerator.is_main_process and config.progress_bar))
+    window: dict[str, float] = {}
+    window_count = 0
+    while global_step < config.max_steps:
+        epoch, skip = divmod(micro_step, len(loader))
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in batches:
+            with accelerator.accumulate(unet):
+                loss, metrics = micro_batch_loss(batch, step_generator(config.seed, micro_step, accelerator.process_index))
+                check_finite(loss, global_step, batch["caption"], run_dir)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    max_norm = config.optim.max_grad_norm or float("inf")
+                    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            log.count(len(batch["caption"]))
+            for key, value in {"loss": loss.detach(), **metrics}.items():
+                window[key] = window.get(key, 0.0) + float(value)
+            window_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step(params)
+            progress.update(1)
+            if global_step % config.log_every == 0 or global_step == config.max_steps:
+                means = torch.tensor([v / window_count for v in window.values()], device=accelerator.device)
+                means = accelerator.reduce(means, reduction="mean")
+                values = dict(zip(window.keys(), means.tolist()))
+                values.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                              lr=lr_schedule.get_last_lr()[0], epoch=epoch)
+                record = log.write(global_step, values)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
+                window, window_count = {}, 0
+            if config.checkpoint_every and global_step % config.checkpoint_every == 0 and global_step < config.max_steps:
+                save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step}, config.checkpoints_total_limit)
+            if global_step >= config.max_steps:
+                break
+    progress.close()
+    save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step}, config.checkpoints_total_limit)
+
+    # ---- export -------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(params)
+        final = run_dir / "final"
+        if config.finetune == "lora":
+            export_lora(trained, stack.family.pipeline_class, final)
+        else:
+            trained.save_pretrained(final / "unet", safe_serialization=True)
+        (final / "diffpo.json").write_text(json.dumps({
+            "base_model": stack.source, "finetune": config.finetune, "method": config.method,
+            "steps": global_step, "pipeline_class": stack.family.pipeline_class_name}, indent=2))
+    accelerator.end_training()
+    return run_dir

@@ -1,0 +1,44 @@
+"""Shared fixtures: a random tiny SD pipeline on disk and small shapes preference datasets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A randomly initialised tiny StableDiffusionPipeline saved in the diffusers folder format."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffpo.models.tiny import build_tiny_sd_components
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    StableDiffusionPipeline(**build_tiny_sd_components(seed=0), requires_safety_checker=False).save_pretrained(path)
+    return str(path)
+
+
+def make_pairs(count: int, seed: int = 0, ties: int = 0) -> list[dict]:
+    from diffpo.data.shapes import sample_shapes
+
+    images = sample_shapes(2 * count, seed=seed)
+    pairs = []
+    for i in range(count):
+        label = 0.5 if i < ties else float(i % 2)
+        pairs.append({"image_0": images[2 * i][0], "image_1": images[2 * i + 1][0], "label_0": label,
+                      "caption": images[2 * i][1]})
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def shapes_parquet(tmp_path_factory):
+    """32 Pick-a-Pic-format pairs of shape images (labels alternate, no ties)."""
+    from diffpo.data.writer import write_pairs_parquet
+
+    return str(write_pairs_parquet(tmp_path_factory.mktemp("pairs") / "pairs.parquet", make_pairs(32)))
