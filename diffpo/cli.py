@@ -33,10 +33,11 @@ def _cache(args) -> None:
 
 
 def _quickstart(args) -> None:
-    from diffpo.quickstart import QuickstartConfig, run_quickstart
     from diffpo.config import load_config
+    from diffpo.quickstart import QuickstartConfig, default_config_path, run_quickstart
 
-    config = load_config(QuickstartConfig, args.config, args.overrides)
+    path = args.config or (default_config_path() if default_config_path().is_file() else None)
+    config = load_config(QuickstartConfig, path, args.overrides)
     result = run_quickstart(config)
     print(
         f"{result['reward']}: before {result['reward_before']['mean']:.4f} "

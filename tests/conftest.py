@@ -42,3 +42,15 @@ def shapes_parquet(tmp_path_factory):
     from diffpo.data.writer import write_pairs_parquet
 
     return str(write_pairs_parquet(tmp_path_factory.mktemp("pairs") / "pairs.parquet", make_pairs(32)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A randomly initialised tiny StableDiffusionXLPipeline folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffpo.models.tiny import build_tiny_sdxl_components
+
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed=0)).save_pretrained(path)
+    return str(path)

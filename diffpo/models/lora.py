@@ -43,3 +43,29 @@ def export_lora(unet, pipeline_class, out_dir: str | Path) -> Path:
         out_dir, unet_lora_layers=state, weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata
     )
     return out_dir / LORA_WEIGHT_NAME
+
+
+LORA_CHECKPOINT_NAME = "lora_adapter.safetensors"
+
+
+def register_lora_checkpointing(accelerator, unet) -> None:
+    """Make ``accelerator.save_state`` store only the LoRA weights (MBs, not the whole UNet's GBs)
+    and ``load_state`` put them back into ``unet``."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            state = get_peft_model_state_dict(accelerator.unwrap_model(model))
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(Path(output_dir) / LORA_CHECKPOINT_NAME))
+        weights.clear()  # the base weights never change: do not write them
+
+    def load_hook(models, input_dir):
+        state = load_file(str(Path(input_dir) / LORA_CHECKPOINT_NAME))
+        while models:
+            result = set_peft_model_state_dict(accelerator.unwrap_model(models.pop()), state)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"checkpoint {input_dir} holds LoRA weights this model lacks: {result.unexpected_keys[:3]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

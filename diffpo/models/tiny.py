@@ -86,3 +86,30 @@ def build_tiny_sd_components(seed: int = 0, num_merges: int = 6000) -> dict:
         feature_extractor=None,
         image_encoder=None,
     )
+
+
+def build_tiny_sdxl_components(seed: int = 0, num_merges: int = 2000) -> dict:
+    """Randomly initialised components of a tiny ``StableDiffusionXLPipeline``: two text encoders
+    (the second with a projection giving pooled embeddings) and a UNet with text-time conditioning."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffpo.models.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(num_merges)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config(tokenizer, hidden_size=32)))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_encoder_config(tokenizer, hidden_size=32)))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        **{**tiny_unet_config(cross_attention_dim=64), "block_out_channels": (32, 64, 64)},
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_dim,
+    )
+    vae = AutoencoderKL(**tiny_vae_config())
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, prediction_type="epsilon")
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None)

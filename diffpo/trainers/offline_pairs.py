@@ -43,7 +43,7 @@ def train(config: TrainConfig) -> Path:
     from diffpo.data.cache import CachedPairs, build_cache
     from diffpo.data.pairs import build_pairs, collate_pairs
     from diffpo.models.loading import load_stack, unet_denoiser
-    from diffpo.models.lora import attach_lora, export_lora
+    from diffpo.models.lora import attach_lora, export_lora, register_lora_checkpointing
     from diffpo.models.reference import AdaptersDisabledReference, FrozenCopyReference
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -107,6 +107,8 @@ def train(config: TrainConfig) -> Path:
                                 num_warmup_steps=config.optim.warmup_steps * accelerator.num_processes,
                                 num_training_steps=config.max_steps * accelerator.num_processes)
     unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)
+    if config.finetune == "lora":
+        register_lora_checkpointing(accelerator, unet)
     ema = None
     if config.ema.enabled:
         ema = EMAModel(params, decay=config.ema.decay)

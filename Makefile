@@ -1,0 +1,29 @@
+# diffpo: `make quickstart` runs the embedded default job, `make test` runs the test suite.
+# Both create .venv on first use. TORCH can be overridden (e.g. a CUDA build on a GPU machine).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test test-all bench clean
+
+$(BIN)/diffpo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(BIN)/diffpo
+
+install: $(BIN)/diffpo
+
+quickstart: install
+	$(BIN)/diffpo quickstart
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,143 @@
+"""The offline-pairs trainer end to end on tiny models."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffpo.config import ConfigError, TrainConfig, load_config
+from diffpo.trainers import run_training
+
+LORA = "final/pytorch_lora_weights.safetensors"
+
+
+def _config(tmp_path, model_dir, data, name="run", *overrides):
+    return load_config(TrainConfig, None, [
+        f"model.pretrained={model_dir}", f"data.source={data}", f"output_dir={tmp_path / name}",
+        "max_steps=4", "train_batch_size=4", "optim.lr=1e-3", "objective.beta=2000", "progress_bar=false",
+        f"cache.dir={tmp_path / 'cache'}", *overrides])
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_run_writes_config_metrics_and_a_loadable_lora(tmp_path, tiny_sd_dir, shapes_parquet):
+    run_dir = run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet))
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+    assert metrics[0]["implicit_acc"] == 0.5
+    assert any(abs(m["loss"] - math.log(2)) > 1e-4 for m in metrics[1:])
+    for key in ("grad_norm", "lr", "pairs_per_s", "policy_gap", "ref_gap"):
+        assert key in metrics[0]
+    assert load_config(TrainConfig, run_dir / "config.yaml") == _config(tmp_path, tiny_sd_dir, shapes_parquet)
+    weights = load_file(run_dir / LORA)
+    assert weights and all("lora" in k for k in weights)
+    assert any(k.endswith(("lora.up.weight", "lora_B.weight")) and v.abs().max() > 0 for k, v in weights.items())
+    assert (run_dir / "checkpoints" / "step-4" / "trainer_state.json").is_file()
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_sd_dir, shapes_parquet):
+    # 4 pairs per step over 32 pairs: 8 steps per epoch; 10 steps crosses an epoch boundary
+    straight = run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "straight", "max_steps=10"))
+    interrupted = _config(tmp_path, tiny_sd_dir, shapes_parquet, "resumed", "max_steps=10", "checkpoint_every=3",
+                          "checkpoints_total_limit=null")
+    run_dir = run_training(interrupted)
+    for step in (6, 9, 10):  # pretend the run died after the step-3 checkpoint
+        shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
+    shutil.rmtree(run_dir / "final")
+    resumed = load_config(TrainConfig, run_dir / "config.yaml", ["resume_from=latest"])
+    run_training(resumed)
+    a, b = load_file(straight / LORA), load_file(run_dir / LORA)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [m["step"] for m in _metrics(run_dir)]
+    assert steps[-7:] == [4, 5, 6, 7, 8, 9, 10]
+
+
+def test_training_from_the_cache_gives_the_same_losses(tmp_path, tiny_sd_dir, shapes_parquet):
+    plain = _metrics(run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "plain", "data.flip=joint")))
+    cached_dir = run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "cached", "data.flip=joint", "cache.enabled=true"))
+    cached = _metrics(cached_dir)
+    assert [m["loss"] for m in cached] == pytest.approx([m["loss"] for m in plain], rel=1e-4, abs=1e-6)
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 1 and (folders[0] / "meta.json").is_file()
+
+
+def test_cache_skips_the_encoders(tmp_path, tiny_sd_dir, shapes_parquet, monkeypatch):
+    from diffpo.data.cache import build_cache
+    from diffpo.data.pairs import build_pairs
+    from diffpo.models import loading
+
+    config = _config(tmp_path, tiny_sd_dir, shapes_parquet, "enc", "cache.enabled=true")
+    stack = loading.load_stack(tiny_sd_dir)
+    build_cache(stack, build_pairs(config.data, 32, config.seed), config.cache.dir, progress=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the trainer ran an encoder although the cache was complete")
+
+    monkeypatch.setattr(loading.DiffusionStack, "encode_images", forbidden)
+    monkeypatch.setattr(loading.DiffusionStack, "encode_prompts", forbidden)
+    run_training(config)
+
+
+def test_cache_key_changes_with_resolution(tmp_path, tiny_sd_dir, shapes_parquet):
+    from diffpo.config import DataConfig
+    from diffpo.data.cache import cache_key
+    from diffpo.data.pairs import build_pairs
+    from diffpo.models.loading import load_stack
+
+    stack = load_stack(tiny_sd_dir)
+    a = cache_key(stack, build_pairs(DataConfig(source=shapes_parquet), 32, 0), "fp32")
+    b = cache_key(stack, build_pairs(DataConfig(source=shapes_parquet), 64, 0), "fp32")
+    c = cache_key(stack, build_pairs(DataConfig(source=shapes_parquet, max_pairs=8), 32, 0), "fp32")
+    assert len({a, b, c}) == 3
+
+
+def test_full_finetune_with_frozen_reference_and_accumulation(tmp_path, tiny_sd_dir, shapes_parquet):
+    run_dir = run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "full", "finetune=full", "optim.lr=1e-4",
+                                   "gradient_accumulation_steps=2", "max_steps=2", "ema.enabled=true", "ema.decay=0.5"))
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2]
+    # The first optimizer step averages two micro-steps, both before any update: log 2 up to fp32
+    # rounding (the frozen copy runs oneDNN's inference kernels, the policy its training kernels;
+    # they differ in the last bit, ~1e-7 in e, which beta = 2000 scales to ~1e-5 in the loss).
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    from diffusers import UNet2DConditionModel
+
+    trained = UNet2DConditionModel.from_pretrained(run_dir / "final" / "unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    diffs = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters())]
+    assert any(diffs)
+
+
+def test_sft_trains_on_winners_without_a_reference(tmp_path, tiny_sd_dir, shapes_parquet):
+    metrics = _metrics(run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "sft", "method=sft", "max_steps=2")))
+    assert "ref_gap" not in metrics[0] and metrics[0]["loss"] == pytest.approx(metrics[0]["policy_err_w"])
+
+
+def test_sdxl_trains_with_two_text_encoders_and_time_ids(tmp_path, tiny_sdxl_dir, shapes_parquet):
+    from diffusers import StableDiffusionXLPipeline
+
+    run_dir = run_training(_config(tmp_path, tiny_sdxl_dir, shapes_parquet, "sdxl", "max_steps=2", "data.crop=random"))
+    assert _metrics(run_dir)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.load_lora_weights(str(run_dir / "final"))
+
+
+def test_sdxl_time_ids_are_the_real_micro_conditioning():
+    from diffpo.models.families import sdxl_time_ids
+
+    ids = sdxl_time_ids(torch.tensor([[480, 640], [1024, 768]]), torch.tensor([[0, 80], [128, 0]]), 512)
+    assert ids.tolist() == [[480, 640, 0, 80, 512, 512], [1024, 768, 128, 0, 512, 512]]
+
+
+def test_bad_resume_path_and_resolution_are_errors(tmp_path, tiny_sd_dir, shapes_parquet):
+    with pytest.raises(ConfigError, match="not a diffpo checkpoint"):
+        run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "r", f"resume_from={tmp_path}"))
+    with pytest.raises(ValueError, match="divisible by the VAE factor"):
+        run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "res", "data.resolution=33"))
