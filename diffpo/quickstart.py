@@ -14,7 +14,9 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -29,9 +31,12 @@ class QuickstartConfig:
     method: str = "diffusion_dpo"
     seed: int = 0
     model: str = "tiny"
-    reward: str = "colour_match"  # a name in diffpo.rewards.REWARDS
+    reward: str = "colour_match"  # the reward that labels the pairs: a name in diffpo.rewards.REWARDS
+    check_rewards: list[str] = field(default_factory=lambda: ["colour_match"])  # also reported, to catch reward hacking
     num_prompts: int = 90  # shape captions used for the pairs (90 = all of them)
-    samples_per_prompt: int = 2  # candidates per prompt; the best and the worst make the pair
+    samples_per_prompt: int = 4  # candidates per prompt, sharing x_T
+    pairing: Literal["all", "best_worst"] = "all"  # every pair of candidates, or only best vs worst
+    min_margin: float = 0.0  # pairs whose rewards differ by no more than this are ties (dropped)
     sample_steps: int = 20
     sample_eta: float = 1.0
     guidance_scale: float = 5.0
@@ -46,8 +51,9 @@ class QuickstartConfig:
             raise ConfigError(f"samples_per_prompt={self.samples_per_prompt} must be >= 2 to form pairs")
         from diffpo.rewards import REWARDS
 
-        if self.reward not in REWARDS:
-            raise ConfigError(f"reward={self.reward!r} is unknown; available: {', '.join(sorted(REWARDS))}")
+        for name in [self.reward, *self.check_rewards]:
+            if name not in REWARDS:
+                raise ConfigError(f"reward {name!r} is unknown; available: {', '.join(sorted(REWARDS))}")
 
 
 def default_config_path() -> Path:
@@ -89,10 +95,12 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     pil = to_pil(images)
     pairs = []
     for i, caption in enumerate(captions):
-        best, worst = int(scores[i].argmax()), int(scores[i].argmin())
-        label = 0.5 if scores[i, best] == scores[i, worst] else 1.0
-        pairs.append({"image_0": pil[i * k + best], "image_1": pil[i * k + worst], "label_0": label, "caption": caption,
-                      "reward_0": float(scores[i, best]), "reward_1": float(scores[i, worst])})
+        order = scores[i].argsort(descending=True).tolist()  # image_0 is always the higher-scored one
+        chosen = [(order[0], order[-1])] if config.pairing == "best_worst" else list(combinations(order, 2))
+        for a, b in chosen:
+            label = 1.0 if scores[i, a] - scores[i, b] > config.min_margin else 0.5
+            pairs.append({"image_0": pil[i * k + a], "image_1": pil[i * k + b], "label_0": label, "caption": caption,
+                          "reward_0": float(scores[i, a]), "reward_1": float(scores[i, b])})
     parquet = write_pairs_parquet(run_dir / "pairs.parquet", pairs)
     usable = sum(p["label_0"] != 0.5 for p in pairs)
 
@@ -115,7 +123,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
                      batch_size=config.batch_size, progress=True, desc="aligned model")
     r_before, r_after = reward(before, eval_prompts), reward(after, eval_prompts)
 
-    rows = list(range(0, min(config.grid_prompts * n, len(eval_prompts)), n))
+    stride = max(1, len(eval_captions) // max(config.grid_prompts, 1))  # spread over shapes and colours
+    rows = [i * n for i in range(0, len(eval_captions), stride)][: config.grid_prompts]
     grid = image_grid(to_pil(before[rows]) + to_pil(after[rows]), rows=2, scale=4)
     grid.save(run_dir / "before_after.png")
     result = {
@@ -124,6 +133,9 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         "reward_before": summarize(r_before.numpy(), seed=config.seed),
         "reward_after": summarize(r_after.numpy(), seed=config.seed),
         "win_rate": paired_win_rate(r_after.numpy(), r_before.numpy(), seed=config.seed),
+        "checks": {name: {"before": summarize(head(before, eval_prompts).numpy(), seed=config.seed),
+                          "after": summarize(head(after, eval_prompts).numpy(), seed=config.seed)}
+                   for name, head in ((n, load_reward(n)) for n in config.check_rewards if n != config.reward)},
         "pairs": len(pairs),
         "pairs_used": usable,
         "pair_reward_margin": float((scores.max(1).values - scores.min(1).values).mean()),

@@ -74,23 +74,36 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dataset-size", type=int, default=6000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--init-from", default=None,
+                        help="continue from a pipeline folder this script wrote: keep its VAE (no VAE stage), "
+                             "train its UNet and text encoder further")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
     parts = build_tiny_sd_components(seed=args.seed)
+    history = []
+    if args.init_from:
+        from diffusers import StableDiffusionPipeline
+
+        previous = StableDiffusionPipeline.from_pretrained(args.init_from)
+        for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+            parts[name] = getattr(previous, name)
+        history = json.loads((Path(args.init_from) / "training.json").read_text()).get("history", [])
+        history = history or [json.loads((Path(args.init_from) / "training.json").read_text())]
     vae, unet, text_encoder = parts["vae"], parts["unet"], parts["text_encoder"]
     tokenizer, scheduler = parts["tokenizer"], parts["scheduler"]
 
-    vae_loss = train_vae(vae, args.vae_steps, 32, args.seed)
+    vae_loss = float("nan") if args.init_from else train_vae(vae, args.vae_steps, 32, args.seed)
     vae.requires_grad_(False)
     means, stds, input_ids, psnr = encode_dataset(vae, tokenizer, text_encoder, args.dataset_size, args.seed + 1)
-    scaling_factor = float(1.0 / means.std())
+    scaling_factor = vae.config.scaling_factor if args.init_from else float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids
     vae_seconds = time.time() - started
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -155,7 +168,10 @@ def main() -> None:
         },
         "safetensors_bytes": sum(sizes.values()),
         "captions": len(all_specs()),
+        "lr": args.lr,
+        "init_from": args.init_from,
     }
+    card["history"] = history + [{k: v for k, v in card.items() if k != "history"}]
     (out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
     write_model_card(out, card)
     print(json.dumps(card, indent=2))

@@ -19,13 +19,14 @@ def quickstart_run(tmp_path_factory):
 def test_quickstart_moves_the_reward_with_a_high_win_rate(quickstart_run):
     out, result = quickstart_run
     summary = json.loads((out / "quickstart.json").read_text())
-    assert summary["reward"] == "colour_match"
+    assert summary["reward"] == "jpeg_compressibility"
     before, after = summary["reward_before"], summary["reward_after"]
     assert after["mean"] > before["mean"]
     assert after["ci95"][0] > before["mean"]
-    assert summary["win_rate"]["ci95"][0] > 0.5
-    # still shapes, not noise: the reward itself requires the caption colours and a shape to be there
-    assert after["mean"] > 0.7
+    assert summary["win_rate"]["ci95"][0] > 0.6
+    # still the captioned shapes, not noise: the colour check must not drop
+    colours = summary["checks"]["colour_match"]
+    assert colours["after"]["mean"] > colours["before"]["mean"] - 0.05
     assert "win rate" in result.stdout
 
 

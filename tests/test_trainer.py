@@ -38,34 +38,64 @@ def test_lora_run_writes_config_metrics_and_a_loadable_lora(tmp_path, tiny_sd_di
     weights = load_file(run_dir / LORA)
     assert weights and all("lora" in k for k in weights)
     assert any(k.endswith(("lora.up.weight", "lora_B.weight")) and v.abs().max() > 0 for k, v in weights.items())
-    assert (run_dir / "checkpoints" / "step-4" / "trainer_state.json").is_file()
+    checkpoint = run_dir / "checkpoints" / "step-4"
+    assert (checkpoint / "trainer_state.json").is_file()
+    # LoRA checkpoints hold the adapter only, not the frozen base UNet
+    assert (checkpoint / "lora_adapter.safetensors").is_file() and not list(checkpoint.glob("model*.safetensors"))
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_sd_dir, shapes_parquet):
-    # 4 pairs per step over 32 pairs: 8 steps per epoch; 10 steps crosses an epoch boundary
-    straight = run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "straight", "max_steps=10"))
-    interrupted = _config(tmp_path, tiny_sd_dir, shapes_parquet, "resumed", "max_steps=10", "checkpoint_every=3",
-                          "checkpoints_total_limit=null")
-    run_dir = run_training(interrupted)
-    for step in (6, 9, 10):  # pretend the run died after the step-3 checkpoint
+    # 4 pairs per step over 32 pairs: 8 steps per epoch. The run dies after the step-10 checkpoint
+    # (epoch 1, 2 batches in) and resumes; steps 17-18 then cross into epoch 2.
+    extra = ["max_steps=18", "data.flip=independent"]
+    straight = run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "straight", *extra))
+    run_dir = run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "resumed", *extra, "checkpoint_every=5",
+                                   "checkpoints_total_limit=null"))
+    for step in (15, 18):
         shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
     shutil.rmtree(run_dir / "final")
-    resumed = load_config(TrainConfig, run_dir / "config.yaml", ["resume_from=latest"])
-    run_training(resumed)
+    run_training(load_config(TrainConfig, run_dir / "config.yaml", ["resume_from=latest"]))
     a, b = load_file(straight / LORA), load_file(run_dir / LORA)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [m["step"] for m in _metrics(run_dir)]
-    assert steps[-7:] == [4, 5, 6, 7, 8, 9, 10]
+    resumed_losses = [m["loss"] for m in _metrics(run_dir)][-8:]
+    assert resumed_losses == [m["loss"] for m in _metrics(straight)][-8:]
+    assert [m["step"] for m in _metrics(run_dir)][-8:] == list(range(11, 19))
 
 
 def test_training_from_the_cache_gives_the_same_losses(tmp_path, tiny_sd_dir, shapes_parquet):
     plain = _metrics(run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "plain", "data.flip=joint")))
     cached_dir = run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "cached", "data.flip=joint", "cache.enabled=true"))
     cached = _metrics(cached_dir)
-    assert [m["loss"] for m in cached] == pytest.approx([m["loss"] for m in plain], rel=1e-4, abs=1e-6)
+    # the VAE runs on other batch compositions when caching (oneDNN differs in the last bits, ~1e-7),
+    # which lr 1e-3 amplifies a little over the steps
+    assert [m["loss"] for m in cached] == pytest.approx([m["loss"] for m in plain], rel=1e-3)
+    assert cached[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)
     folders = list((tmp_path / "cache").iterdir())
     assert len(folders) == 1 and (folders[0] / "meta.json").is_file()
+
+
+def test_cached_items_equal_freshly_encoded_ones(tmp_path, tiny_sd_dir, shapes_parquet):
+    from diffpo.config import DataConfig
+    from diffpo.data.cache import CachedPairs, build_cache
+    from diffpo.data.pairs import build_pairs
+    from diffpo.models.loading import load_stack
+
+    stack = load_stack(tiny_sd_dir)
+    pairs = build_pairs(DataConfig(source=shapes_parquet, flip="independent"), 32, seed=3)
+    folder = build_cache(stack, pairs, tmp_path / "c", progress=False, shard_size=10)
+    cached = CachedPairs(folder, [pairs.caption(i) for i in range(len(pairs))], "independent", seed=3)
+    assert len(cached) == len(pairs) == 32 and len(cached.meta["shards"]) == 4
+    for epoch in (0, 1):
+        pairs.start_epoch(epoch)
+        cached.start_epoch(epoch)
+        for i in (0, 13, 31):
+            fresh, item = pairs[i], cached[i]
+            mean, std = stack.encode_images(torch.stack([fresh["pixels_w"], fresh["pixels_l"]]))
+            assert torch.allclose(item["mean_w"], mean[0], atol=1e-5) and torch.allclose(item["mean_l"], mean[1], atol=1e-5)
+            assert torch.allclose(item["std_w"], std[0], atol=1e-5)
+            text = stack.encode_prompts([fresh["caption"]]).hidden[0]
+            assert torch.allclose(item["hidden"], text, atol=1e-5)
 
 
 def test_cache_skips_the_encoders(tmp_path, tiny_sd_dir, shapes_parquet, monkeypatch):

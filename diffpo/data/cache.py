@@ -127,7 +127,8 @@ class CachedPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.meta["pairs"]
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        """Augmentation draws depend on the epoch (not ``set_epoch``: see trainers.common.EpochSampler)."""
         self.epoch = epoch
 
     def empty_prompt(self) -> dict[str, torch.Tensor]:

@@ -112,7 +112,8 @@ class PreferencePairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        """Augmentation draws depend on the epoch (not ``set_epoch``: see trainers.common.EpochSampler)."""
         self.epoch = epoch
 
     def caption(self, index: int) -> str:

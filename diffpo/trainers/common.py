@@ -37,12 +37,15 @@ def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Gene
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A fresh permutation per epoch from (seed, epoch): the data order is a function of the step."""
+    """A fresh permutation per epoch from (seed, epoch): the data order is a function of the step.
+
+    The method is deliberately not called ``set_epoch``: accelerate's dataloaders call that with
+    their own iteration counter, which restarts at 0 after ``skip_first_batches`` on resume."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed, self.epoch = size, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:

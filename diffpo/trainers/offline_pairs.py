@@ -164,8 +164,8 @@ def train(config: TrainConfig) -> Path:
     window_count = 0
     while global_step < config.max_steps:
         epoch, skip = divmod(micro_step, len(loader))
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        sampler.start_epoch(epoch)
+        dataset.start_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in batches:
             with accelerator.accumulate(unet):
