@@ -51,7 +51,7 @@ def test_accelerate_launch_runs_the_same_config(tmp_path, tiny_sd_dir, shapes_pa
     result = subprocess.run(
         [str(launcher), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "diffpo", "train", str(config), f"model.pretrained={tiny_sd_dir}",
-         f"data.source={shapes_parquet}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "train_batch_size=4",
+         f"data.source={shapes_parquet}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "train_batch_size=4", "log_every=1",
          "progress_bar=false"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-2000:]
