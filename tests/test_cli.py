@@ -58,3 +58,12 @@ def test_accelerate_launch_runs_the_same_config(tmp_path, tiny_sd_dir, shapes_pa
     steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_cache_command_builds_a_complete_cache(tmp_path, tiny_sd_dir, shapes_parquet):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  pretrained: {tiny_sd_dir}\ndata:\n  source: {shapes_parquet}\ncache:\n  dir: {tmp_path / 'cache'}\n")
+    result = _run("cache", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 1 and (folders[0] / "meta.json").is_file() and "cache of 32 pairs" in result.stdout

@@ -171,3 +171,23 @@ def test_bad_resume_path_and_resolution_are_errors(tmp_path, tiny_sd_dir, shapes
         run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "r", f"resume_from={tmp_path}"))
     with pytest.raises(ValueError, match="divisible by the VAE factor"):
         run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "res", "data.resolution=33"))
+
+
+def test_prompt_dropout_one_equals_training_on_empty_captions(tmp_path, tiny_sd_dir):
+    from conftest import make_pairs
+    from diffpo.data.writer import write_pairs_parquet
+
+    rows = make_pairs(8, seed=5)
+    captioned = write_pairs_parquet(tmp_path / "captioned.parquet", rows)
+    empty = write_pairs_parquet(tmp_path / "empty.parquet", [{**r, "caption": ""} for r in rows])
+    dropped = _metrics(run_training(_config(tmp_path, tiny_sd_dir, captioned, "drop", "data.prompt_dropout=1.0", "max_steps=3")))
+    blank = _metrics(run_training(_config(tmp_path, tiny_sd_dir, empty, "blank", "max_steps=3")))
+    kept = _metrics(run_training(_config(tmp_path, tiny_sd_dir, captioned, "kept", "max_steps=3")))
+    assert [m["loss"] for m in dropped] == pytest.approx([m["loss"] for m in blank], rel=1e-6)
+    assert [m["loss"] for m in kept] != pytest.approx([m["loss"] for m in blank], rel=1e-6)
+
+
+def test_scale_lr_multiplies_by_the_total_batch(tmp_path, tiny_sd_dir, shapes_parquet):
+    metrics = _metrics(run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "scaled", "optim.scale_lr=true",
+                                            "optim.lr=1e-5", "gradient_accumulation_steps=2", "max_steps=1")))
+    assert metrics[0]["lr"] == pytest.approx(1e-5 * 4 * 2)
