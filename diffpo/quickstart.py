@@ -31,8 +31,8 @@ class QuickstartConfig:
     method: str = "diffusion_dpo"
     seed: int = 0
     model: str = "tiny"
-    reward: str = "colour_match"  # the reward that labels the pairs: a name in diffpo.rewards.REWARDS
-    check_rewards: list[str] = field(default_factory=lambda: ["colour_match"])  # also reported, to catch reward hacking
+    reward: str = "colour-match"  # the reward that labels the pairs: a name in diffpo.rewards.REWARDS
+    check_rewards: list[str] = field(default_factory=lambda: ["colour-match"])  # also reported, to catch reward hacking
     num_prompts: int = 90  # shape captions used for the pairs (90 = all of them)
     samples_per_prompt: int = 4  # candidates per prompt, sharing x_T
     pairing: Literal["all", "best_worst"] = "all"  # every pair of candidates, or only best vs worst

@@ -46,5 +46,5 @@ def test_bundled_model_draws_the_captioned_colours():
     pipe.set_progress_bar_config(disable=True)
     captions = shape_captions(30, seed=123)
     images = generate(pipe, captions, list(range(30)), num_inference_steps=25, guidance_scale=5.0, batch_size=30)
-    scores = load("colour_match")(images, captions)
+    scores = load("colour-match")(images, captions)
     assert scores.mean() > 0.4 and (scores > 0.7).float().mean() > 0.35, scores

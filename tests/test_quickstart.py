@@ -19,13 +19,13 @@ def quickstart_run(tmp_path_factory):
 def test_quickstart_moves_the_reward_with_a_high_win_rate(quickstart_run):
     out, result = quickstart_run
     summary = json.loads((out / "quickstart.json").read_text())
-    assert summary["reward"] == "jpeg_compressibility"
+    assert summary["reward"] == "jpeg-compressibility"
     before, after = summary["reward_before"], summary["reward_after"]
     assert after["mean"] > before["mean"]
     assert after["ci95"][0] > before["mean"]
     assert summary["win_rate"]["ci95"][0] > 0.6
     # still the captioned shapes, not noise: the colour check must not drop
-    colours = summary["checks"]["colour_match"]
+    colours = summary["checks"]["colour-match"]
     assert colours["after"]["mean"] > colours["before"]["mean"] - 0.05
     assert "win rate" in result.stdout
 

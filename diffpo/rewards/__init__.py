@@ -7,11 +7,12 @@ import difflib
 import torch
 
 from diffpo.rewards.base import RewardHead
-from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility
+from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility
 
 REWARDS: dict[str, type[RewardHead]] = {
-    "jpeg_compressibility": JpegCompressibility,
-    "colour_match": ColourMatch,
+    "jpeg-compressibility": JpegCompressibility,
+    "jpeg-incompressibility": JpegIncompressibility,
+    "colour-match": ColourMatch,
     "brightness": Brightness,
 }
 

@@ -12,22 +12,36 @@ from diffpo.data.shapes import COLOURS, parse_caption
 from diffpo.rewards.base import RewardHead
 
 
+def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """The JPEG size of each (3, H, W) image in [0, 1], in kB (1000 bytes)."""
+    sizes = []
+    for image in images:
+        array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        sizes.append(buffer.tell() / 1000.0)
+    return torch.tensor(sizes)
+
+
 class JpegCompressibility(RewardHead):
     """Minus the JPEG size in kB at quality 95 (DDPO, Black et al. 2024; used by D3PO)."""
 
-    name = "jpeg_compressibility"
+    name = "jpeg-compressibility"
 
     def __init__(self, quality: int = 95):
         self.quality = quality
 
     def score_images(self, images, prompts):
-        scores = []
-        for image in images:
-            array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            buffer = io.BytesIO()
-            Image.fromarray(array).save(buffer, format="JPEG", quality=self.quality)
-            scores.append(-buffer.tell() / 1000.0)
-        return torch.tensor(scores)
+        return -jpeg_kilobytes(images, self.quality)
+
+
+class JpegIncompressibility(JpegCompressibility):
+    """Plus the JPEG size in kB at quality 95 (DDPO's incompressibility task)."""
+
+    name = "jpeg-incompressibility"
+
+    def score_images(self, images, prompts):
+        return jpeg_kilobytes(images, self.quality)
 
 
 class ColourMatch(RewardHead):
@@ -38,7 +52,7 @@ class ColourMatch(RewardHead):
     shape all score low, so it cannot be gamed by flattening the image or by noise.
     Captions outside the shapes world score NaN."""
 
-    name = "colour_match"
+    name = "colour-match"
 
     def __init__(self, min_shape_fraction: float = 0.05, max_distance: float = 0.3):
         self.min_shape_fraction = min_shape_fraction
