@@ -191,3 +191,24 @@ def test_scale_lr_multiplies_by_the_total_batch(tmp_path, tiny_sd_dir, shapes_pa
     metrics = _metrics(run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "scaled", "optim.scale_lr=true",
                                             "optim.lr=1e-5", "gradient_accumulation_steps=2", "max_steps=1")))
     assert metrics[0]["lr"] == pytest.approx(1e-5 * 4 * 2)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_sd_dir, shapes_parquet):
+    plain = _metrics(run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "gc0", "max_steps=2")))
+    checkpointed = _metrics(run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "gc1", "max_steps=2",
+                                                 "gradient_checkpointing=true")))
+    assert [m["loss"] for m in checkpointed] == pytest.approx([m["loss"] for m in plain], rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides,init_tolerance", [
+    (["optim.optimizer=adafactor"], 1e-6),
+    (["mixed_precision=bf16"], 1e-6),  # LoRA: policy and reference are one module under the same autocast
+    # a bf16 copy against the fp32 policy differs by ~1e-4 in e, which beta = 2000 makes visible
+    (["finetune=full", "reference.offload=true", "reference.dtype=bf16", "optim.lr=1e-5"], None),
+], ids=["adafactor", "bf16", "full-offloaded-bf16-reference"])
+def test_optimizer_precision_and_reference_placement_options_train(tmp_path, tiny_sd_dir, shapes_parquet, overrides,
+                                                                   init_tolerance):
+    metrics = _metrics(run_training(_config(tmp_path, tiny_sd_dir, shapes_parquet, "opt", "max_steps=2", *overrides)))
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    if init_tolerance is not None:
+        assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=init_tolerance)

@@ -35,6 +35,17 @@ from diffpo.trainers.common import (
 
 def train(config: TrainConfig) -> Path:
     """Run the offline-pairs loop for ``config``; returns the run directory."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        return _train(config)
+    finally:
+        # accelerate keeps its state in a process-wide singleton; reset it so that the next run in
+        # this process (quickstart, notebooks, tests) may choose another precision or device
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(config: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
