@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from diffpo.data.pairs import PreferencePairs, collate_pairs, flip_decisions
+from diffpo.dtypes import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMAT_VERSION = 1
 
 

@@ -15,7 +15,6 @@ from diffpo.config import ConfigError, save_config
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def prepare_run_dir(config, is_main: bool) -> Path:

@@ -16,12 +16,12 @@ import torch
 from tqdm import tqdm
 
 from diffpo.config import TrainConfig
+from diffpo.dtypes import DTYPES, MIXED_PRECISION_DTYPES
 from diffpo.kernel.denoising import noise_pairs, pair_errors, pair_noise, prediction_target
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.objectives import METHODS
 from diffpo.trainers.common import (
     STATE_FILE,
-    WEIGHT_DTYPES,
     EpochSampler,
     MetricsLog,
     build_optimizer,
@@ -68,7 +68,7 @@ def _train(config: TrainConfig) -> Path:
     run_dir = prepare_run_dir(config, accelerator.is_main_process)
     set_seed(config.seed)
     method = METHODS[config.method]
-    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+    weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
                        config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device)
     unet = stack.unet
@@ -83,7 +83,7 @@ def _train(config: TrainConfig) -> Path:
     else:
         unet.to(dtype=torch.float32).requires_grad_(True)
         params = list(unet.parameters())
-        ref_dtype = weight_dtype if config.reference.dtype == "auto" else WEIGHT_DTYPES[{"fp32": "no"}.get(config.reference.dtype, config.reference.dtype)]
+        ref_dtype = weight_dtype if config.reference.dtype == "auto" else DTYPES[config.reference.dtype]
         reference = (FrozenCopyReference(stack.load_unet(), accelerator.device, ref_dtype, config.reference.offload)
                      if method.needs_reference else None)
     unet.train()
