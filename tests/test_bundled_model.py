@@ -36,7 +36,7 @@ def test_bundled_model_is_a_small_stable_diffusion_folder():
 
 def test_bundled_model_draws_the_captioned_colours():
     """25 DDIM steps: images show the captioned colours (a random-weight model scores ~0 here).
-    Measured at release: 49% of images above 0.7 and a mean of 0.51 over all 180 eval seeds."""
+    Measured at release on these 90 images: mean 0.47, 40% above 0.7 (pure noise scores < 0.15)."""
     from diffpo.data.shapes import shape_captions
     from diffpo.eval.generate import generate
     from diffpo.models.loading import load_stack
@@ -44,7 +44,7 @@ def test_bundled_model_draws_the_captioned_colours():
 
     pipe = load_stack("tiny").pipeline()
     pipe.set_progress_bar_config(disable=True)
-    captions = shape_captions(30, seed=123)
-    images = generate(pipe, captions, list(range(30)), num_inference_steps=25, guidance_scale=5.0, batch_size=30)
+    captions = shape_captions()  # all 90, one seed each
+    images = generate(pipe, captions, list(range(90)), num_inference_steps=25, guidance_scale=5.0, batch_size=45)
     scores = load("colour-match")(images, captions)
     assert scores.mean() > 0.4 and (scores > 0.7).float().mean() > 0.35, scores
