@@ -49,6 +49,53 @@ def _quickstart(args) -> None:
     print(f"grid and quickstart.json in {result['run_dir']}")
 
 
+def _reward_options(pairs: list[str], names: list[str]) -> dict[str, dict]:
+    """``NAME.KEY=VALUE`` strings -> {name: {key: value}}; values parse as JSON when they can."""
+    import json
+
+    options: dict[str, dict] = {name: {} for name in names}
+    for pair in pairs:
+        target, sep, value = pair.partition("=")
+        name, dot, key = target.rpartition(".")  # names may hold dots (hps-v2.1): the key is after the last
+        if not sep or not dot or name not in options:
+            raise ValueError(f"--reward-option {pair!r}: expected NAME.KEY=VALUE with NAME one of the --reward names {names}")
+        try:
+            options[name][key] = json.loads(value)
+        except ValueError:
+            options[name][key] = value
+    return options
+
+
+def _score(args) -> None:
+    from diffpo.eval.score import score_folder, score_pairs
+    from diffpo.rewards import load
+
+    if (args.images is None) == (args.pairs is None):
+        raise ValueError("pass either --images DIR --prompts FILE or --pairs PARQUET")
+    if args.images is not None and args.prompts is None:
+        raise ValueError("--images needs --prompts FILE (one prompt per line, or a .jsonl/.csv manifest with file,prompt)")
+    names = list(dict.fromkeys(args.reward))
+    options = _reward_options(args.reward_option, names)
+    heads = {}
+    for name in names:
+        opts = {"batch_size": args.batch_size, **options[name]}
+        learned = {"device": args.device, "dtype": args.dtype} if _is_learned(name) else {}
+        heads[name] = load(name, **learned, **opts)
+    if args.pairs is not None:
+        out = score_pairs(args.pairs, heads, args.out, batch_size=args.batch_size, progress=not args.no_progress)
+        print(f"scored pairs written to {out}")
+    else:
+        out = score_folder(args.images, args.prompts, heads, args.out or f"{args.images.rstrip('/')}/scores.jsonl",
+                           batch_size=args.batch_size, progress=not args.no_progress)
+        print(f"scores written to {out}")
+
+
+def _is_learned(name: str) -> bool:
+    from diffpo.rewards import REWARDS, LearnedHead
+
+    return name in REWARDS and issubclass(REWARDS[name], LearnedHead)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpo", description="Preference alignment of diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--config", default=None, help="optional YAML (default: built-in, as configs/quickstart.yaml)")
     quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/qs method=sft train.max_steps=100")
     quick.set_defaults(func=_quickstart)
+
+    score = commands.add_parser(
+        "score", help="score an image folder or a preference-pair parquet with reward heads",
+        description="Score images with reward heads. --images DIR --prompts FILE writes JSONL, one line per image "
+                    "(file, prompt, one field per head); FILE is one prompt per line matched to the images sorted "
+                    "by file name, or a .jsonl/.csv manifest with file,prompt. --pairs PARQUET (Pick-a-Pic format) "
+                    "writes a NEW parquet with <name>_0, <name>_1 and label_<name> (1: image 0 scores higher, "
+                    "0: lower, 0.5: equal); the input is never modified.")
+    score.add_argument("--images", default=None, help="folder of images (.png/.jpg/.jpeg/.webp/.bmp)")
+    score.add_argument("--prompts", default=None, help="prompts for --images: .txt (one per line) or .jsonl/.csv (file,prompt)")
+    score.add_argument("--pairs", default=None, help="Pick-a-Pic-format parquet (jpg_0, jpg_1, caption)")
+    score.add_argument("--reward", action="append", required=True, metavar="NAME",
+                       help="a reward head (repeatable): clip, hps-v2, hps-v2.1, pickscore, aesthetic, brightness, ...")
+    score.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                       help="a head option (repeatable), e.g. hps-v2.1.path=ckpts/HPS_v2.1_compressed.pt clip.raw=true")
+    score.add_argument("--out", default=None, help="output file (default: DIR/scores.jsonl; PARQUET_scored.parquet beside the input)")
+    score.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    score.add_argument("--device", default="cpu", help="device of learned heads, e.g. cpu, cuda, cuda:1 (default cpu)")
+    score.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of learned heads (default fp32)")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.set_defaults(func=_score)
     return parser
 
 

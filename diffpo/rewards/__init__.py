@@ -1,4 +1,8 @@
-"""Reward heads behind one interface; ``REWARDS`` maps names to classes."""
+"""Reward heads behind one interface; ``REWARDS`` maps names to classes.
+
+Learned heads import open_clip / transformers only when constructed, so importing this package
+stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,19 @@ import difflib
 
 import torch
 
-from diffpo.rewards.base import RewardHead
+from diffpo.rewards.aesthetic import Aesthetic
+from diffpo.rewards.base import LearnedHead, RewardHead
+from diffpo.rewards.clip import ClipScore
+from diffpo.rewards.hps import HPSv2, HPSv21
+from diffpo.rewards.pickscore import PickScore
 from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility
 
 REWARDS: dict[str, type[RewardHead]] = {
+    "clip": ClipScore,
+    "hps-v2": HPSv2,
+    "hps-v2.1": HPSv21,
+    "pickscore": PickScore,
+    "aesthetic": Aesthetic,
     "jpeg-compressibility": JpegCompressibility,
     "jpeg-incompressibility": JpegIncompressibility,
     "colour-match": ColourMatch,
@@ -18,13 +31,20 @@ REWARDS: dict[str, type[RewardHead]] = {
 
 
 def load(name: str, path: str | None = None, arch: str | None = None, device: str = "cpu",
-         dtype: torch.dtype = torch.float32, **options) -> RewardHead:
-    """The reward head ``name``; ``path``/``arch``/``device``/``dtype`` apply to learned heads."""
+         dtype: torch.dtype | str = torch.float32, **options) -> RewardHead:
+    """The reward head ``name``. ``path`` (hub id or local file/folder), ``arch``, ``device`` and
+    ``dtype`` apply to learned heads; ``options`` (e.g. ``batch_size``, ``frame_stride``, ``raw``)
+    go to the head's constructor."""
     if name not in REWARDS:
         close = difflib.get_close_matches(name, list(REWARDS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; available: {', '.join(sorted(REWARDS))}"
         raise ValueError(f"unknown reward {name!r}{hint}")
-    return REWARDS[name](**options)
+    cls = REWARDS[name]
+    if issubclass(cls, LearnedHead):
+        return cls(path=path, arch=arch, device=device, dtype=dtype, **options)
+    if path is not None or arch is not None:
+        raise ValueError(f"reward {name!r} has no weights: drop path=/arch=")
+    return cls(**options)
 
 
-__all__ = ["REWARDS", "RewardHead", "load"]
+__all__ = ["REWARDS", "LearnedHead", "RewardHead", "load"]

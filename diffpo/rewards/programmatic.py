@@ -28,7 +28,8 @@ class JpegCompressibility(RewardHead):
 
     name = "jpeg-compressibility"
 
-    def __init__(self, quality: int = 95):
+    def __init__(self, quality: int = 95, **common):
+        super().__init__(**common)
         self.quality = quality
 
     def score_images(self, images, prompts):
@@ -54,7 +55,8 @@ class ColourMatch(RewardHead):
 
     name = "colour-match"
 
-    def __init__(self, min_shape_fraction: float = 0.05, max_distance: float = 0.3):
+    def __init__(self, min_shape_fraction: float = 0.05, max_distance: float = 0.3, **common):
+        super().__init__(**common)
         self.min_shape_fraction = min_shape_fraction
         self.max_distance = max_distance
         self.names = list(COLOURS)
