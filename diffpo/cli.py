@@ -49,6 +49,20 @@ def _quickstart(args) -> None:
     print(f"grid and quickstart.json in {result['run_dir']}")
 
 
+def _eval(args) -> None:
+    from diffpo.eval.config import load_eval_config
+    from diffpo.eval.runner import run_eval
+
+    config = load_eval_config(args.config, args.overrides)
+    result = run_eval(config)
+    baseline, metrics = result["baseline"], result["metrics"]
+    for metric in metrics:
+        parts = [f"{m} {s['mean']:.4g} [{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}]" for m, s in result["summary"][metric].items()]
+        wins = [f"{m} wins {w['mean']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" for m, w in result["win_rates"][metric].items()]
+        print(f"{metric}: " + "  ".join(parts) + (f"  | vs {baseline}: " + "  ".join(wins) if wins else ""))
+    print(f"report: {result['report']} (tables for a paper in {result['output_dir']}/summary.md)")
+
+
 def _reward_options(pairs: list[str], names: list[str]) -> dict[str, dict]:
     """``NAME.KEY=VALUE`` strings -> {name: {key: value}}; values parse as JSON when they can."""
     import json
@@ -118,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--config", default=None, help="optional YAML (default: built-in, as configs/quickstart.yaml)")
     quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/qs method=sft train.max_steps=100")
     quick.set_defaults(func=_quickstart)
+
+    evaluate = commands.add_parser(
+        "eval", help="compare models on fixed seeds with reward heads; win rates with CIs and an HTML report",
+        description="Generate images (or videos) for a prompt set on fixed seeds (the same initial noise for every "
+                    "model), score them with reward heads, and write OUTPUT_DIR/index.html, summary.md (markdown "
+                    "tables), scores.json, scores.jsonl and manifest.jsonl. The first model is the baseline of the "
+                    "win rates. Rerunning the same config skips images already generated. Examples: configs/eval/.")
+    evaluate.add_argument("config", help="YAML config, e.g. configs/eval/tiny.yaml or OUTPUT_DIR/config.yaml")
+    evaluate.add_argument("overrides", nargs="*",
+                          help="key=value overrides with dotted keys; list entries by position, e.g. output_dir=runs/e2 "
+                               "sampling.steps=30 models.1.lora=runs/dpo/final prompts.max_prompts=100")
+    evaluate.set_defaults(func=_eval)
 
     score = commands.add_parser(
         "score", help="score an image folder or a preference-pair parquet with reward heads",

@@ -145,8 +145,42 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         "run_dir": str(run_dir),
         "grid": "before_after.png (top row: base, bottom row: aligned; same seeds)",
     }
+    result["report"] = str(_write_report(config, run_dir, before, after, eval_prompts, eval_seeds, r_before, r_after,
+                                         result["seconds"]))
     (run_dir / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _write_report(config: QuickstartConfig, run_dir: Path, before, after, prompts, seeds, r_before, r_after,
+                  seconds: float) -> Path:
+    """The ``diffpo eval`` report of base vs aligned in ``run_dir/report/``, from the scores above
+    (bootstrap over images with the quickstart's seed, so its numbers equal quickstart.json's)."""
+    from diffpo.config import to_dict
+    from diffpo.data.shapes import parse_caption
+    from diffpo.eval.comparison import StatsOptions
+    from diffpo.eval.provenance import provenance
+    from diffpo.eval.report import ReportOptions
+    from diffpo.eval.runner import report_samples
+    from diffpo.rewards import load as load_reward
+
+    n = config.eval_seeds_per_prompt
+    scores = {config.reward: {"base": r_before, "aligned": r_after}}
+    for name in config.check_rewards:
+        if name != config.reward:
+            head = load_reward(name)
+            scores[name] = {"base": head(before, prompts), "aligned": head(after, prompts)}
+    meta = {"description": f"diffpo quickstart ({config.method}, reward {config.reward}): {len(prompts) // n} shape "
+                           f"captions x {n} held-out seeds, {config.eval_steps} DDIM steps, guidance "
+                           f"{config.guidance_scale}; scored before 8-bit rounding, as quickstart.json; "
+                           f"run took {seconds:.0f} s.",
+            "config": to_dict(config), "provenance": provenance("cpu"),
+            "generation": {"base": {"model": config.model}, "aligned": {"lora": str(run_dir / "train" / "final")}}}
+    return report_samples(
+        run_dir / "report", {"base": before, "aligned": after}, prompts, seeds, scores,
+        prompt_indices=[i // n for i in range(len(prompts))], image_indices=[i % n for i in range(len(prompts))],
+        categories=[parse_caption(p).shape for p in prompts],
+        stats=StatsOptions(unit="sample", seed=config.seed),
+        options=ReportOptions(title="diffpo quickstart: base vs aligned", primary=config.reward), meta=meta)
 
 
 def _load_trained(pipe, stack, final: Path, finetune: str) -> None:
