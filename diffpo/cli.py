@@ -104,6 +104,12 @@ def _score(args) -> None:
         print(f"scores written to {out}")
 
 
+def _label(args) -> None:
+    from diffpo.labeling.server import serve
+
+    serve(args.run_dir, round_index=args.round, host=args.host, port=args.port)
+
+
 def _is_learned(name: str) -> bool:
     from diffpo.rewards import REWARDS, LearnedHead
 
@@ -165,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of learned heads (default fp32)")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(func=_score)
+
+    label = commands.add_parser(
+        "label", help="label a sampling round of an online run by hand, in the browser",
+        description="Serve a local page that shows the pending pairs of one sampling round of RUN_DIR (a D3PO run "
+                    "with online.preference=human) side by side; keys 1 or Left: left is better, 2 or Right: right "
+                    "is better, 0 or Down: tie. "
+                    "Every click is appended to RUN_DIR/rounds/round-NNNN/labels.jsonl at once, so stopping midway "
+                    "loses nothing and a restart continues. Then `diffpo train RUN_DIR/config.yaml "
+                    "resume_from=latest` trains on the labels.")
+    label.add_argument("run_dir", help="the run's output_dir, holding rounds/round-NNNN/")
+    label.add_argument("--round", type=int, default=None, metavar="N",
+                       help="round to label (default: the latest round with pending pairs, else the latest)")
+    label.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    label.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: any free port)")
+    label.set_defaults(func=_label)
     return parser
 
 

@@ -114,12 +114,54 @@ class CacheConfig:
 class ObjectiveConfig:
     """Hyperparameters of the preference objective."""
 
-    beta: float = 5000.0  # DESIGN.md convention: loss = -log sigmoid(-beta/2 (dtheta - dref))
+    beta: float = 5000.0  # DESIGN.md convention: loss = -log sigmoid(-beta/2 (dtheta - dref)); D3PO: 0.1 on log-ratios
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    clip_range: float = 0.1  # D3PO: per-step likelihood ratios clamped to [1 - clip_range, 1 + clip_range]
 
     def __post_init__(self):
         if self.beta <= 0:
             raise ConfigError(f"objective.beta={self.beta} must be > 0")
+        if not 0.0 < self.clip_range < 1.0:
+            raise ConfigError(f"objective.clip_range={self.clip_range} must lie in (0, 1)")
+
+
+@dataclass
+class OnlineConfig:
+    """Sampling while training (D3PO, SePPO): prompts, the DDIM sampler, where preferences come
+    from, and SePPO's checkpoint pool."""
+
+    prompts: str = "shapes"  # D3PO prompts: shapes, partiprompts, a .txt/.tsv/.csv/.jsonl file or a datasets id
+    prompt_column: str | None = None  # None: Prompt (tsv/csv), prompt (jsonl), caption (hub)
+    max_prompts: int | None = None  # a fixed random subset of the prompt set
+    prompts_per_round: int = 8  # D3PO: prompts sampled per round (per process)
+    samples_per_prompt: int = 2  # D3PO: images per prompt sharing x_T; all pairs between them
+    inner_epochs: int = 1  # D3PO: passes over a round's pairs before sampling the next round
+    timestep_fraction: float = 1.0  # D3PO: share of a trajectory's denoising steps trained (shuffled per pair)
+    num_inference_steps: int = 20
+    eta: float = 1.0  # DDIM eta of the sampler (1.0: DDPM posterior variance)
+    guidance_scale: float = 5.0
+    preference: Literal["reward", "human"] = "reward"  # D3PO: reward heads, or labels from `diffpo label`
+    rewards: list[str] = field(default_factory=lambda: ["jpeg-compressibility"])  # several: Pareto dominance
+    reward_options: dict = field(default_factory=dict)  # per head, e.g. {pickscore: {path: ..., device: cuda}}
+    min_margin: float = 0.0  # a head prefers one sample only when it leads by more than this
+    require_all_labels: bool = True  # human: train a round only once every pair is labelled
+    reference: Literal["base", "previous_round"] = "base"  # D3PO reference (previous_round: human-feedback rounds)
+    pool_every: int = 10  # SePPO: add the policy to the reference pool every K optimizer steps
+    pool_strategy: Literal["uniform", "first", "latest"] = "uniform"
+    save_images: bool = True  # write every round's samples to RUN_DIR/rounds/ (always on for human labels)
+
+    def __post_init__(self):
+        for name in ("prompts_per_round", "inner_epochs", "num_inference_steps", "pool_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"online.{name}={getattr(self, name)} must be >= 1")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"online.samples_per_prompt={self.samples_per_prompt} must be >= 2 to form pairs")
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise ConfigError(f"online.timestep_fraction={self.timestep_fraction} must lie in (0, 1]")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"online.eta={self.eta} must lie in [0, 1]")
+        if self.preference == "reward" and not self.rewards:
+            raise ConfigError("online.rewards is empty: name at least one reward head (see diffpo.rewards.REWARDS)")
 
 
 @dataclass
@@ -173,6 +215,7 @@ class TrainConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def __post_init__(self):
         for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every"):

@@ -86,14 +86,19 @@ class PreferencePairs(torch.utils.data.Dataset):
         flip: str = "none",
         seed: int = 0,
         base_dir: str | Path | None = None,
+        winners_only: bool = False,
     ):
-        missing = [c for c in (image_0_column, image_1_column, label_column, caption_column) if c not in table.column_names]
+        # winners_only (SePPO): only the preferred image is read; a plain image+caption table
+        # (no image_1 / label column) counts as all winners
+        plain = winners_only and image_1_column not in table.column_names and label_column not in table.column_names
+        needed = (image_0_column, caption_column) if plain else (image_0_column, image_1_column, label_column, caption_column)
+        missing = [c for c in needed if c not in table.column_names]
         if missing:
             raise DataError(
                 f"dataset is missing column(s) {missing}; it has {table.column_names}: set data.image_0_column / "
                 "image_1_column / label_column / caption_column"
             )
-        labels = np.asarray(table[label_column], dtype=np.float64)
+        labels = np.ones(len(table)) if plain else np.asarray(table[label_column], dtype=np.float64)
         bad = ~np.isin(labels, VALID_LABELS)
         if bad.any():
             raise DataError(f"{label_column} must be 0, 0.5 or 1; row {int(np.argmax(bad))} has {labels[bad][0]}")
@@ -107,6 +112,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.columns = (image_0_column, image_1_column, caption_column)
         self.resolution, self.crop, self.flip, self.seed = resolution, crop, flip, seed
         self.base_dir = Path(base_dir) if base_dir else None
+        self.winners_only = winners_only
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -128,7 +134,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index, 0])
         flips = flip_decisions(self.seed, self.epoch, index, self.flip)
         item = {"index": index, "caption": str(record[col_caption] or ""), "label": float(label)}
-        for name, column, flip in (("w", first, flips[0]), ("l", second, flips[1])):
+        sides = (("w", first, flips[0]),) if self.winners_only else (("w", first, flips[0]), ("l", second, flips[1]))
+        for name, column, flip in sides:
             image = decode_image(record[column], self.base_dir, where=f"row {row} column {column}")
             crop = None
             if self.crop == "random":
@@ -156,8 +163,8 @@ def collate_pairs(items: list[dict]) -> dict:
     return batch
 
 
-def build_pairs(data_config, resolution: int, seed: int) -> PreferencePairs:
-    """The training dataset a ``DataConfig`` describes."""
+def build_pairs(data_config, resolution: int, seed: int, winners_only: bool = False) -> PreferencePairs:
+    """The training dataset a ``DataConfig`` describes (``winners_only``: the preferred images alone)."""
     table = load_table(data_config.source, data_config.format, data_config.split)
     base_dir = Path(data_config.source).parent if data_config.source.endswith((".jsonl", ".json")) else None
     return PreferencePairs(
@@ -173,4 +180,5 @@ def build_pairs(data_config, resolution: int, seed: int) -> PreferencePairs:
         flip=data_config.flip,
         seed=seed,
         base_dir=base_dir,
+        winners_only=winners_only,
     )

@@ -144,10 +144,21 @@ def sample_trajectory(denoise: Denoiser, scheduler, latents: torch.Tensor, cond:
 def rescore_step(denoise: Denoiser, scheduler, trajectory: Trajectory, step: int, cond: dict, uncond: dict | None = None,
                  guidance: float = 5.0, prediction_type: str = "epsilon") -> torch.Tensor:
     """Log-probability (B,) of the stored transition ``step`` under another model (with grad if enabled)."""
-    sample, prev_sample = trajectory.latents[step], trajectory.latents[step + 1]
-    b = sample.shape[0]
-    t = trajectory.timesteps[step].repeat(b).to(sample.device)
-    coef = step_coefficients(scheduler, t, trajectory.prev_timesteps[step].repeat(b), trajectory.eta, sample.ndim)
+    b = trajectory.latents.shape[1]
+    steps = torch.full((b,), step, dtype=torch.long)
+    return rescore_transitions(denoise, scheduler, trajectory, steps, torch.arange(b), cond, uncond, guidance, prediction_type)
+
+
+def rescore_transitions(denoise: Denoiser, scheduler, trajectory: Trajectory, steps: torch.Tensor, samples: torch.Tensor,
+                        cond: dict, uncond: dict | None = None, guidance: float = 5.0,
+                        prediction_type: str = "epsilon") -> torch.Tensor:
+    """Log-probabilities (N,) of N stored transitions, transition n being step ``steps[n]`` of
+    trajectory ``samples[n]`` (D3PO shuffles the step order per pair), from one batched forward."""
+    steps, samples = steps.cpu(), samples.cpu()
+    sample = trajectory.latents[steps, samples]
+    prev_sample = trajectory.latents[steps + 1, samples]
+    t = trajectory.timesteps[steps].to(sample.device)
+    coef = step_coefficients(scheduler, t, trajectory.prev_timesteps[steps], trajectory.eta, sample.ndim)
     eps = epsilon_from_prediction(guided(denoise, sample, t, cond, uncond, guidance), sample, coef.alpha_t.to(sample), prediction_type)
     return ddim_step(coef, sample, eps, prev_sample=prev_sample)[1]
 

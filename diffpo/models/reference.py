@@ -68,3 +68,77 @@ def _cast(value, dtype):
     if isinstance(value, dict):
         return {k: _cast(v, dtype) for k, v in value.items()}
     return value
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+class LoraSnapshotReference:
+    """Reference = a past state of a LoRA policy (a SePPO pool draw, D3PO's previous round), held
+    in a second, frozen peft adapter of the same UNet; ``load(None)`` means the base model.
+
+    Create it before ``accelerator.prepare`` so that data-parallel wrapping sees only the
+    policy adapter as trainable."""
+
+    kind = "lora_snapshot"
+
+    def __init__(self, unet):
+        import copy
+
+        self.unet = unet
+        unet.add_adapter(copy.deepcopy(unet.peft_config["default"]), adapter_name=REFERENCE_ADAPTER)
+        unet.set_adapter("default")  # add_adapter activated the new one
+        self.snapshot_id = None  # what is loaded: None (base) or the snapshot's id
+        self.base = True
+        self._denoise = unet_denoiser(unet)
+
+    def load(self, snapshot: dict | None, snapshot_id=None) -> None:
+        """Make ``snapshot`` (a LoRA state dict from ``policy_snapshot``; None: the base) the reference."""
+        from peft.utils import set_peft_model_state_dict
+
+        if snapshot is not None and (snapshot_id is None or snapshot_id != self.snapshot_id):
+            result = set_peft_model_state_dict(self.unet, snapshot, adapter_name=REFERENCE_ADAPTER)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"reference snapshot holds LoRA weights this model lacks: {result.unexpected_keys[:3]}")
+        self.snapshot_id = snapshot_id if snapshot is not None else None
+        self.base = snapshot is None
+
+    def __call__(self, noisy, timesteps, conditioning):
+        with torch.no_grad():
+            if self.base:
+                with adapters_disabled(self.unet):
+                    return self._denoise(noisy, timesteps, conditioning)
+            self.unet.set_adapter(REFERENCE_ADAPTER)
+            try:
+                return self._denoise(noisy, timesteps, conditioning)
+            finally:
+                self.unet.set_adapter("default")  # also restores requires_grad on the policy adapter
+
+
+class FullSnapshotReference(FrozenCopyReference):
+    """Reference = a past state of a fully fine-tuned policy, in a frozen copy; ``load(None)`` puts
+    the base weights back (kept on the CPU once)."""
+
+    kind = "full_snapshot"
+
+    def __init__(self, unet, device, dtype: torch.dtype, offload: bool = False):
+        self.base_state = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+        super().__init__(unet, device, dtype, offload)
+        self.snapshot_id = None
+
+    def load(self, snapshot: dict | None, snapshot_id=None) -> None:
+        if snapshot_id is not None and snapshot_id == self.snapshot_id and snapshot is not None:
+            return
+        self.unet.load_state_dict(self.base_state if snapshot is None else snapshot)
+        self.snapshot_id = snapshot_id if snapshot is not None else None
+
+
+def policy_snapshot(unet, finetune: str) -> dict:
+    """The trainable state of the policy on the CPU: the LoRA weights, or the whole UNet."""
+    if finetune == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(unet, adapter_name="default")
+    else:
+        state = unet.state_dict()
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}

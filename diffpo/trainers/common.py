@@ -145,3 +145,79 @@ def check_finite(loss: torch.Tensor, step: int, captions: list[str], run_dir: Pa
             f"loss is {float(loss.detach())} at step {step} (captions: {captions[:4]}); last good checkpoint: {last}. "
             "Lower optim.lr or objective.beta, or check the data"
         )
+
+
+def make_accelerator(config, gradient_accumulation_steps: int):
+    """The run's Accelerator: precision, trackers, and ``RUN_DIR/logs`` for tensorboard."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")),
+    )
+
+
+def load_policy(config, accelerator, weight_dtype):
+    """The stack of ``config.model`` and the trainable policy: a LoRA adapter (fp32 weights) on the
+    frozen UNet, or the whole UNet in fp32. Returns (stack, unet, trainable params)."""
+    from diffusers.training_utils import cast_training_params
+
+    from diffpo.models.loading import load_stack
+    from diffpo.models.lora import attach_lora
+
+    stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
+                       config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device)
+    unet = stack.unet
+    if config.finetune == "lora":
+        params = attach_lora(unet, config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules)
+        cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
+    else:
+        unet.to(dtype=torch.float32).requires_grad_(True)
+        params = list(unet.parameters())
+    return stack, unet, params
+
+
+def reference_dtype(config, weight_dtype):
+    from diffpo.dtypes import DTYPES
+
+    return weight_dtype if config.reference.dtype == "auto" else DTYPES[config.reference.dtype]
+
+
+def build_optimization(config, params, accelerator):
+    """Optimizer and learning-rate schedule of ``config.optim``; returns (optimizer, schedule, lr)."""
+    from diffusers.optimization import get_scheduler
+
+    lr = config.optim.lr
+    if config.optim.scale_lr:  # Diffusion-DPO: lr x total pairs per optimizer step
+        lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = build_optimizer(params, config.optim)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    schedule = get_scheduler(config.optim.lr_scheduler, optimizer,
+                             num_warmup_steps=config.optim.warmup_steps * accelerator.num_processes,
+                             num_training_steps=config.max_steps * accelerator.num_processes)
+    return optimizer, schedule, lr
+
+
+def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: int, ema=None, params=None) -> None:
+    """Write ``RUN_DIR/final``: LoRA weights ``pipe.load_lora_weights`` reads, or the full UNet, plus
+    ``diffpo.json`` (base model, method, steps). EMA weights replace the raw ones when kept."""
+    from diffpo.models.lora import export_lora
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(params)
+        final = run_dir / "final"
+        if config.finetune == "lora":
+            export_lora(trained, stack.family.pipeline_class, final)
+        else:
+            trained.save_pretrained(final / "unet", safe_serialization=True)
+        (final / "diffpo.json").write_text(json.dumps({
+            "base_model": stack.source, "finetune": config.finetune, "method": config.method,
+            "steps": global_step, "pipeline_class": stack.family.pipeline_class_name}, indent=2))

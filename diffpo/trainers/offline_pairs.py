@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from diffpo.config import TrainConfig
-from diffpo.dtypes import DTYPES, MIXED_PRECISION_DTYPES
+from diffpo.dtypes import MIXED_PRECISION_DTYPES
 from diffpo.kernel.denoising import noise_pairs, pair_errors, pair_noise, prediction_target
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.objectives import METHODS
@@ -24,9 +24,13 @@ from diffpo.trainers.common import (
     STATE_FILE,
     EpochSampler,
     MetricsLog,
-    build_optimizer,
+    build_optimization,
     check_finite,
+    export_final,
+    load_policy,
+    make_accelerator,
     prepare_run_dir,
+    reference_dtype,
     resolve_resume,
     save_checkpoint,
     step_generator,
@@ -46,46 +50,30 @@ def train(config: TrainConfig) -> Path:
 
 
 def _train(config: TrainConfig) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel, cast_training_params
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import EMAModel
 
     from diffpo.data.cache import CachedPairs, build_cache
     from diffpo.data.pairs import build_pairs, collate_pairs
-    from diffpo.models.loading import load_stack, unet_denoiser
-    from diffpo.models.lora import attach_lora, export_lora, register_lora_checkpointing
+    from diffpo.models.loading import unet_denoiser
+    from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.reference import AdaptersDisabledReference, FrozenCopyReference
 
     # ---- set-up -------------------------------------------------------------------------------
-    trackers = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=trackers,
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")),
-    )
+    accelerator = make_accelerator(config, config.gradient_accumulation_steps)
     run_dir = prepare_run_dir(config, accelerator.is_main_process)
     set_seed(config.seed)
     method = METHODS[config.method]
     weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
-    stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
-                       config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device)
-    unet = stack.unet
+    stack, unet, params = load_policy(config, accelerator, weight_dtype)
     resolution = config.data.resolution or stack.native_resolution
     if resolution % stack.vae_scale_factor:
         raise ValueError(f"data.resolution={resolution} is not divisible by the VAE factor {stack.vae_scale_factor}")
-
-    if config.finetune == "lora":
-        params = attach_lora(unet, config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules)
-        cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
-        reference = AdaptersDisabledReference(unet) if method.needs_reference else None
-    else:
-        unet.to(dtype=torch.float32).requires_grad_(True)
-        params = list(unet.parameters())
-        ref_dtype = weight_dtype if config.reference.dtype == "auto" else DTYPES[config.reference.dtype]
-        reference = (FrozenCopyReference(stack.load_unet(), accelerator.device, ref_dtype, config.reference.offload)
-                     if method.needs_reference else None)
+    reference = None
+    if method.needs_reference:
+        reference = (AdaptersDisabledReference(unet) if config.finetune == "lora" else
+                     FrozenCopyReference(stack.load_unet(), accelerator.device, reference_dtype(config, weight_dtype),
+                                         config.reference.offload))
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -108,15 +96,7 @@ def _train(config: TrainConfig) -> Path:
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} pairs do not fill one batch of train_batch_size={config.train_batch_size}")
 
-    lr = config.optim.lr
-    if config.optim.scale_lr:  # Diffusion-DPO: lr x total pairs per optimizer step
-        lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = build_optimizer(params, config.optim)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    lr_schedule = get_scheduler(config.optim.lr_scheduler, optimizer,
-                                num_warmup_steps=config.optim.warmup_steps * accelerator.num_processes,
-                                num_training_steps=config.max_steps * accelerator.num_processes)
+    optimizer, lr_schedule, lr = build_optimization(config, params, accelerator)
     unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)
     if config.finetune == "lora":
         register_lora_checkpointing(accelerator, unet)
@@ -218,18 +198,6 @@ def _train(config: TrainConfig) -> Path:
     save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step}, config.checkpoints_total_limit)
 
     # ---- export -------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.copy_to(params)
-        final = run_dir / "final"
-        if config.finetune == "lora":
-            export_lora(trained, stack.family.pipeline_class, final)
-        else:
-            trained.save_pretrained(final / "unet", safe_serialization=True)
-        (final / "diffpo.json").write_text(json.dumps({
-            "base_model": stack.source, "finetune": config.finetune, "method": config.method,
-            "steps": global_step, "pipeline_class": stack.family.pipeline_class_name}, indent=2))
+    export_final(accelerator, unet, stack, config, run_dir, global_step, ema, params)
     accelerator.end_training()
     return run_dir

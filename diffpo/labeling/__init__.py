@@ -1,0 +1,1 @@
+"""Human labelling of the online trainer's sampling rounds: ``diffpo label RUN_DIR``."""

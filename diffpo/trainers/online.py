@@ -1,0 +1,414 @@
+"""The online loop: methods that sample from the model while they train. One file, top to bottom:
+set up, (resume), train, export.
+
+* **D3PO** (Yang et al., CVPR 2024): rounds. The current policy samples ``samples_per_prompt``
+  DDIM trajectories per prompt from one shared x_T (eta > 0 makes them diverge); reward heads
+  (Pareto dominance when several) or human labels from ``diffpo label`` rank every pair of a
+  prompt's images; training re-scores the stored transitions under policy and reference and
+  applies the clipped per-step DPO loss at every (or a ``timestep_fraction`` of the) denoising
+  steps, the step order shuffled per pair, gradients accumulated over the steps.
+* **SePPO** (Zhang et al., 2024): batches of preferred images. A reference drawn from the pool of
+  past checkpoints (entry 0: the base model) samples an image for each caption; the policy and
+  that reference are compared on winner and sample at shared noise and timestep with the
+  anchor-based flip. The policy joins the pool every ``pool_every`` optimizer steps.
+
+Each optimizer step is ``gradient_accumulation_steps`` micro-steps; every micro-step draws all its
+randomness from its own generator, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffpo.config import ConfigError, TrainConfig
+from diffpo.dtypes import MIXED_PRECISION_DTYPES
+from diffpo.models.families import TextEmbeddings, sdxl_time_ids
+from diffpo.trainers.common import (
+    STATE_FILE,
+    EpochSampler,
+    MetricsLog,
+    build_optimization,
+    check_finite,
+    export_final,
+    load_policy,
+    make_accelerator,
+    prepare_run_dir,
+    reference_dtype,
+    resolve_resume,
+    save_checkpoint,
+    step_generator,
+)
+
+ROUND_SEED_OFFSET = 7_777_777  # round sampling draws from its own stream, apart from the micro-steps'
+
+
+def train(config: TrainConfig) -> Path:
+    """Run the online loop for ``config``; returns the run directory."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        return _train(config)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # see offline_pairs.train
+
+
+@dataclass
+class Round:
+    """One D3PO sampling round in memory: trajectories of all samples, their text conditioning,
+    and the preference pairs (winner, loser) as sample indices."""
+
+    index: int
+    prompts: list[str]
+    trajectory: object  # diffpo.kernel.trajectory.Trajectory
+    text: TextEmbeddings  # per sample
+    pairs: list[tuple[int, int]]
+    ties: int
+    stats: dict
+    steps: int = 0  # optimizer steps this round trains for
+
+
+def _train(config: TrainConfig) -> Path:
+    from accelerate.utils import set_seed
+    from diffusers import DDIMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from diffpo.data import rounds as round_files
+    from diffpo.data.pairs import build_pairs, collate_pairs
+    from diffpo.data.preferences import reward_preferences
+    from diffpo.eval.config import PromptSetConfig
+    from diffpo.eval.prompts import load_prompts
+    from diffpo.kernel.denoising import noise_pairs, pair_errors, pair_noise, prediction_target
+    from diffpo.kernel.trajectory import rescore_transitions, sample_trajectory
+    from diffpo.models.loading import unet_denoiser
+    from diffpo.models.lora import register_lora_checkpointing
+    from diffpo.models.pool import load_pool, save_pool_entry
+    from diffpo.models.reference import FullSnapshotReference, LoraSnapshotReference, policy_snapshot
+    from diffpo.objectives.d3po import d3po_step_loss
+    from diffpo.objectives.seppo import aaf_loss
+
+    online, is_d3po = config.online, config.method == "d3po"
+    human = is_d3po and online.preference == "human"
+    if is_d3po and online.eta <= 0:
+        raise ConfigError("method=d3po needs online.eta > 0: a deterministic DDIM step has no log-probability")
+    if config.cache.enabled:
+        raise ConfigError(f"method={config.method} samples while training and reads no latent cache: set cache.enabled=false")
+
+    # ---- set-up -------------------------------------------------------------------------------
+    # accumulation is done here by hand: D3PO backpropagates once per denoising step
+    accelerator = make_accelerator(config, 1)
+    if human and accelerator.num_processes > 1:
+        raise ConfigError("online.preference=human runs on one process: launch without multi-GPU")
+    run_dir = prepare_run_dir(config, accelerator.is_main_process)
+    set_seed(config.seed)
+    weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
+    stack, unet, params = load_policy(config, accelerator, weight_dtype)
+    # the reference is a past state of the policy (D3PO: base or previous round; SePPO: a pool draw)
+    reference = (LoraSnapshotReference(unet) if config.finetune == "lora" else
+                 FullSnapshotReference(stack.load_unet(), accelerator.device, reference_dtype(config, weight_dtype),
+                                       config.reference.offload))
+    unet.train()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    sampler_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)
+    resolution = stack.native_resolution
+    latent_shape = (stack.unet.config.in_channels, resolution // stack.vae_scale_factor, resolution // stack.vae_scale_factor)
+    empty_text = stack.encode_prompts([""])
+
+    rewards, loader, winners = {}, None, None
+    if is_d3po:
+        prompt_set = [r.prompt for r in load_prompts(PromptSetConfig(
+            source=online.prompts, prompt_column=online.prompt_column, category_column="",
+            max_prompts=online.max_prompts, subsample_seed=config.seed))]
+        if not human:
+            from diffpo.rewards import load as load_reward
+
+            rewards = {name: load_reward(name, **online.reward_options.get(name, {})) for name in online.rewards}
+    else:
+        winners = build_pairs(config.data, config.data.resolution or resolution, config.seed, winners_only=True)
+        sampler = EpochSampler(len(winners), config.seed)
+        loader = torch.utils.data.DataLoader(winners, batch_size=config.train_batch_size, sampler=sampler,
+                                             collate_fn=collate_pairs, num_workers=config.data.num_workers, drop_last=True)
+        if len(loader) == 0:
+            raise ValueError(f"{len(winners)} images do not fill one batch of train_batch_size={config.train_batch_size}")
+
+    optimizer, lr_schedule, lr = build_optimization(config, params, accelerator)
+    if loader is not None:
+        unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)
+    else:
+        unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    if config.finetune == "lora":
+        register_lora_checkpointing(accelerator, unet)
+    ema = None
+    if config.ema.enabled:
+        ema = EMAModel(params, decay=config.ema.decay)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    raw_unet = accelerator.unwrap_model(unet)
+    policy, sampling_policy = unet_denoiser(unet), unet_denoiser(raw_unet)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
+
+    # ---- resume -------------------------------------------------------------------------------
+    state = {"global_step": 0, "micro_step": 0, "round": 0, "round_step": 0}
+    checkpoint = resolve_resume(run_dir, config.resume_from)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state.update(json.loads((checkpoint / STATE_FILE).read_text()))
+        accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
+    elif accelerator.is_main_process:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    log = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+    pool = load_pool(run_dir / "pool", online.pool_strategy, state["global_step"]) if not is_d3po else None
+
+    def conditioning(text: TextEmbeddings) -> dict:
+        n = text.hidden.shape[0]
+        time_ids = None
+        if stack.family.name == "sdxl":  # generated at the native size, uncropped
+            size = torch.tensor([[resolution, resolution]] * n)
+            time_ids = sdxl_time_ids(size, torch.zeros_like(size), resolution)
+        return stack.family.unet_conditioning(text, time_ids)
+
+    def unconditional(n: int) -> dict:
+        return conditioning(TextEmbeddings(empty_text.hidden.expand(n, -1, -1),
+                                           None if empty_text.pooled is None else empty_text.pooled.expand(n, -1)))
+
+    def sample(denoise, text: TextEmbeddings, x_T: torch.Tensor, generator: torch.Generator):
+        with torch.no_grad(), accelerator.autocast():
+            return sample_trajectory(denoise, sampler_scheduler, x_T.to(accelerator.device, weight_dtype),
+                                     conditioning(text), unconditional(x_T.shape[0]), online.guidance_scale,
+                                     online.num_inference_steps, online.eta, generator, stack.prediction_type)
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        images = stack.vae.decode(latents.to(stack.vae.dtype) / stack.vae.config.scaling_factor).sample
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+    def backward(loss: torch.Tensor, sync: bool) -> None:
+        with nullcontext() if sync else accelerator.no_sync(unet):
+            accelerator.backward(loss)
+
+    # ---- D3PO rounds ----------------------------------------------------------------------------
+    def sample_round(index: int) -> Path:
+        """Sample, decode and store round ``index`` (trajectories, images, and reward scores)."""
+        generator = step_generator(config.seed + ROUND_SEED_OFFSET, index, accelerator.process_index)
+        picks = torch.randint(0, len(prompt_set), (online.prompts_per_round,), generator=generator).tolist()
+        prompts = [prompt_set[i] for i in picks]
+        k = online.samples_per_prompt
+        x_T = torch.randn((len(prompts), *latent_shape), generator=generator).repeat_interleave(k, 0)
+        text = stack.encode_prompts(prompts).select(torch.arange(len(prompts)).repeat_interleave(k))
+        trajectory = sample(sampling_policy, text, x_T, generator)
+        images = decode(trajectory.final)
+        folder = round_files.round_dir(run_dir, index)
+        suffix = f"-p{accelerator.process_index}"
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        torch.save({"latents": trajectory.latents.cpu(), "timesteps": trajectory.timesteps, "eta": trajectory.eta,
+                    "prev_timesteps": trajectory.prev_timesteps, "log_probs": trajectory.log_probs.cpu(),
+                    "prompts": prompts}, folder / f"trajectories{suffix}.pt")
+        if online.reference == "previous_round":  # the model that sampled this round is its reference
+            from safetensors.torch import save_file
+
+            save_file(policy_snapshot(raw_unet, config.finetune), str(folder / f"reference{suffix}.safetensors"))
+        if rewards:
+            scores = torch.stack([head(images, [p for p in prompts for _ in range(k)]) for head in rewards.values()])
+            (folder / f"scores{suffix}.json").write_text(json.dumps({n: s.tolist() for n, s in zip(rewards, scores)}))
+        names = []
+        if accelerator.is_main_process and (online.save_images or human):
+            from diffpo.eval.generate import to_pil
+
+            for n, image in enumerate(to_pil(images)):
+                name = f"images/g{n // k:04d}-s{n % k}.png"
+                image.save(folder / name)
+                names.append(name)
+        if accelerator.is_main_process:
+            grouped = [names[g * k:(g + 1) * k] for g in range(len(prompts))] if names else [[] for _ in prompts]
+            round_files.write_manifest(folder, index, prompts, k, grouped)
+        return folder
+
+    def load_round(index: int) -> Round | None:
+        """Round ``index`` from disk with its preferences; None while human labels are missing."""
+        from diffpo.kernel.trajectory import Trajectory
+
+        folder = round_files.round_dir(run_dir, index)
+        suffix = f"-p{accelerator.process_index}"
+        stored = torch.load(folder / f"trajectories{suffix}.pt", weights_only=True)
+        manifest = round_files.read_manifest(folder)
+        k = online.samples_per_prompt
+        if human:
+            labels = round_files.read_labels(folder)
+            if online.require_all_labels and round_files.pending_pairs(manifest, labels):
+                return None
+            prefs = round_files.labelled_preferences(manifest, labels)
+            stats = {"labelled": float(len(labels))}
+        else:
+            scores = json.loads((folder / f"scores{suffix}.json").read_text())
+            table = torch.tensor([scores[name] for name in rewards])
+            prefs = reward_preferences(table, round_files.all_pairs(len(stored["prompts"]), k), k, online.min_margin)
+            stats = {f"reward/{name}": float(torch.tensor(values).mean()) for name, values in scores.items()}
+        pairs = [(g * k + w, g * k + lo) for g, w, lo, tie in prefs if not tie]
+        ties = sum(tie for *_, tie in prefs)
+        stats["tie_fraction"] = ties / max(len(prefs), 1)
+        trajectory = Trajectory(stored["latents"].to(accelerator.device), stored["timesteps"], stored["prev_timesteps"],
+                                stored["log_probs"], float(stored["eta"]))
+        prompts = stored["prompts"]
+        text = stack.encode_prompts(prompts).select(torch.arange(len(prompts)).repeat_interleave(k))
+        micro_batches = len(pairs) * online.inner_epochs // config.train_batch_size
+        steps = max(1, micro_batches // config.gradient_accumulation_steps) if pairs else 0
+        if online.reference == "previous_round":
+            from safetensors.torch import load_file
+
+            reference.load(load_file(str(folder / f"reference{suffix}.safetensors")), snapshot_id=("round", index))
+        else:
+            reference.load(None)
+        return Round(index, prompts, trajectory, text, pairs, ties, stats, steps)
+
+    def d3po_micro_step(current: Round, micro_in_round: int, generator: torch.Generator, scale: float, sync: bool) -> dict:
+        """Per-step DPO on ``train_batch_size`` pairs of the round; one backward per denoising step."""
+        b = config.train_batch_size
+        order = torch.cat([torch.randperm(len(current.pairs), generator=torch.Generator().manual_seed(
+            config.seed * 9_973 + current.index * 101 + epoch)) for epoch in range(online.inner_epochs + 1)])
+        positions = [(micro_in_round * b + i) % len(order) for i in range(b)]
+        chosen = [current.pairs[int(order[p])] for p in positions]
+        winners = torch.tensor([w for w, _ in chosen])
+        losers = torch.tensor([lo for _, lo in chosen])
+        samples = torch.cat([winners, losers])
+        num_steps = current.trajectory.timesteps.shape[0]
+        trained = max(1, round(num_steps * online.timestep_fraction))
+        # the two trajectories of a pair are scored at the same step; the order is shuffled per pair
+        perms = torch.stack([torch.randperm(num_steps, generator=generator)[:trained] for _ in range(b)])
+        text = current.text.select(samples)
+        cond, uncond = conditioning(text), unconditional(2 * b)
+        totals: dict[str, float] = {}
+        for i in range(trained):
+            steps = perms[:, i].repeat(2)
+            args = (sampler_scheduler, current.trajectory, steps, samples, cond, uncond, online.guidance_scale,
+                    stack.prediction_type)
+            with torch.no_grad(), accelerator.autocast():
+                logp_ref = rescore_transitions(reference, *args)
+            logp_policy = rescore_transitions(policy, *args)
+            loss, metrics = d3po_step_loss(logp_policy[:b], logp_ref[:b], logp_policy[b:], logp_ref[b:],
+                                           beta=config.objective.beta, clip=config.objective.clip_range)
+            loss = loss.mean()
+            backward(loss * scale / trained, sync and i == trained - 1)
+            for key, value in {"loss": loss.detach(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / trained
+        return totals
+
+    # ---- SePPO batches ----------------------------------------------------------------------------
+    def seppo_micro_step(batch: dict, generator: torch.Generator, scale: float, sync: bool) -> dict:
+        """Draw a reference from the pool, let it sample x_r for the captions, and apply AAF."""
+        mean, std = stack.encode_images(batch["pixels_w"])
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        latents_w = stack.latents_from_distribution(mean, std, eps).to(weight_dtype)
+        text = stack.encode_prompts(batch["caption"])
+        drawn = pool.draw_index(generator)
+        reference.load(pool.entries[drawn], snapshot_id=("pool", drawn))
+        x_T = torch.randn(latents_w.shape, generator=generator)
+        latents_r = sample(reference, text, x_T, generator).final.to(weight_dtype)
+        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, generator)
+        noised = noise_pairs(stack.noise_scheduler, latents_w, latents_r, noise, timesteps)
+        target = prediction_target(stack.prediction_type, stack.noise_scheduler, noised.latents, noised.noise, noised.timesteps)
+        errors = pair_errors(policy, reference, noised, conditioning(text.repeat_pairs()), target)
+        loss, metrics = aaf_loss(errors.policy_w, errors.ref_w, errors.policy_l, errors.ref_l, config.objective.beta)
+        loss = loss.mean()
+        backward(loss * scale, sync)
+        return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
+                "pool_index": float(drawn), "pool_size": float(len(pool))}
+
+    def seppo_batches():
+        """Batches of preferred images, epoch after epoch, from the micro-step the run is at."""
+        while True:
+            epoch, skip = divmod(state["micro_step"], len(loader))
+            sampler.start_epoch(epoch)
+            winners.start_epoch(epoch)
+            yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+
+    # ---- train --------------------------------------------------------------------------------
+    progress = tqdm(total=config.max_steps, initial=state["global_step"], desc=f"train {config.method}",
+                    disable=not (accelerator.is_main_process and config.progress_bar))
+    current, batches, empty_rounds = None, (seppo_batches() if not is_d3po else None), 0
+    window: dict[str, float] = {}
+    window_count = 0
+    while state["global_step"] < config.max_steps:
+        while is_d3po and (current is None or state["round_step"] >= current.steps):
+            if current is not None:  # the round is done: move on to the next one
+                state["round"], state["round_step"] = state["round"] + 1, 0
+            if not (round_files.round_dir(run_dir, state["round"]) / round_files.MANIFEST).is_file():
+                progress.set_postfix_str(f"sampling round {state['round']}")
+                sample_round(state["round"])
+                accelerator.wait_for_everyone()
+            current = load_round(state["round"])
+            if current is None:  # human labels pending: save where we are, export, and stop
+                save_checkpoint(accelerator, run_dir, dict(state), config.checkpoints_total_limit)
+                export_final(accelerator, unet, stack, config, run_dir, state["global_step"], ema, params)
+                progress.close()
+                accelerator.print(
+                    f"round {state['round']} waits for labels: run `diffpo label {run_dir}`, then "
+                    f"`diffpo train {run_dir / 'config.yaml'} resume_from=latest`")
+                accelerator.end_training()
+                return run_dir
+            empty_rounds = 0 if current.steps else empty_rounds + 1
+            if empty_rounds >= 10:
+                raise ValueError(f"10 rounds in a row gave only ties (last: round {current.index}): lower "
+                                 "online.min_margin, raise online.samples_per_prompt or check the reward")
+        metrics_sum: dict[str, float] = {}
+        accumulation = config.gradient_accumulation_steps
+        for micro in range(accumulation):
+            generator = step_generator(config.seed, state["micro_step"], accelerator.process_index)
+            sync = micro == accumulation - 1
+            if is_d3po:
+                metrics = d3po_micro_step(current, state["round_step"] * accumulation + micro, generator, 1 / accumulation, sync)
+                captions = current.prompts
+            else:
+                batch = next(batches)
+                metrics = seppo_micro_step(batch, generator, 1 / accumulation, sync)
+                captions = batch["caption"]
+            check_finite(torch.tensor(metrics["loss"]), state["global_step"], captions, run_dir)
+            for key, value in metrics.items():
+                metrics_sum[key] = metrics_sum.get(key, 0.0) + value / accumulation
+            state["micro_step"] += 1
+            log.count(config.train_batch_size)
+        max_norm = config.optim.max_grad_norm or float("inf")
+        grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["global_step"] += 1
+        state["round_step"] += 1
+        step = state["global_step"]
+        if ema is not None:
+            ema.step(params)
+        if not is_d3po and step % online.pool_every == 0:  # SePPO: the policy joins the pool
+            snapshot = policy_snapshot(raw_unet, config.finetune)
+            pool.add(snapshot)
+            if accelerator.is_main_process:
+                save_pool_entry(run_dir / "pool", len(pool) - 1, step, snapshot)
+        for key, value in metrics_sum.items():
+            window[key] = window.get(key, 0.0) + value
+        window_count += 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == config.max_steps:
+            keys = sorted(window)
+            means = accelerator.reduce(torch.tensor([window[k] / window_count for k in keys], device=accelerator.device),
+                                       reduction="mean")
+            values = dict(zip(keys, means.tolist()))
+            values.update(grad_norm=float(grad_norm), lr=lr_schedule.get_last_lr()[0])
+            if is_d3po:  # the round being trained: its rewards, ties, labels
+                values.update(current.stats, round=float(state["round"]))
+            record = log.write(step, values)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
+            window, window_count = {}, 0
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
+            save_checkpoint(accelerator, run_dir, dict(state), config.checkpoints_total_limit)
+    progress.close()
+    save_checkpoint(accelerator, run_dir, dict(state), config.checkpoints_total_limit)
+
+    # ---- export -------------------------------------------------------------------------------
+    export_final(accelerator, unet, stack, config, run_dir, state["global_step"], ema, params)
+    accelerator.end_training()
+    return run_dir
