@@ -36,7 +36,9 @@ def _quickstart(args) -> None:
     from diffpo.config import load_config
     from diffpo.quickstart import QuickstartConfig, default_config_path, run_quickstart
 
-    path = args.config or (default_config_path() if default_config_path().is_file() else None)
+    methods = [o.split("=", 1)[1].strip() for o in args.overrides if o.startswith("method=")]
+    preset = default_config_path(methods[-1] if methods else None)
+    path = args.config or (preset if preset.is_file() else None)
     config = load_config(QuickstartConfig, path, args.overrides)
     result = run_quickstart(config)
     print(

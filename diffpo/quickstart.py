@@ -56,16 +56,19 @@ class QuickstartConfig:
                 raise ConfigError(f"reward {name!r} is unknown; available: {', '.join(sorted(REWARDS))}")
 
 
-def default_config_path() -> Path:
+QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo.yaml"}
+
+
+def default_config_path(method: str | None = None) -> Path:
+    """The shipped quickstart YAML of ``method`` (D3PO and SePPO have their own tuned presets)."""
     from diffpo.models.loading import assets_dir
 
-    return assets_dir().parent / "configs" / "quickstart.yaml"
+    return assets_dir().parent / "configs" / QUICKSTART_PRESETS.get(method, "quickstart.yaml")
 
 
 def run_quickstart(config: QuickstartConfig) -> dict:
     from diffpo.data.shapes import shape_captions
-    from diffpo.data.writer import write_pairs_parquet
-    from diffpo.eval.generate import generate, initial_latents, to_pil
+    from diffpo.eval.generate import generate, to_pil
     from diffpo.eval.grid import image_grid
     from diffpo.eval.stats import paired_win_rate, summarize
     from diffpo.models.loading import load_stack
@@ -83,32 +86,21 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     pipe.set_progress_bar_config(disable=True)
     shape = (stack.unet.config.in_channels, stack.unet.config.sample_size, stack.unet.config.sample_size)
 
-    # 1-2. candidates sharing x_T per prompt, diverging through eta noise; best vs worst by reward
-    captions = shape_captions(config.num_prompts, seed=config.seed)
-    k = config.samples_per_prompt
-    prompts = [c for c in captions for _ in range(k)]
-    x_T = initial_latents([config.seed * 100_000 + i for i in range(len(captions))], shape).repeat_interleave(k, 0)
-    eta_seeds = [config.seed * 100_000 + 50_000 + i for i in range(len(prompts))]
-    images = generate(pipe, prompts, eta_seeds, config.sample_steps, config.guidance_scale, eta=config.sample_eta,
-                      batch_size=config.batch_size, latents=x_T, progress=True, desc="sample pairs")
-    scores = reward(images, prompts).view(len(captions), k)
-    pil = to_pil(images)
-    pairs = []
-    for i, caption in enumerate(captions):
-        order = scores[i].argsort(descending=True).tolist()  # image_0 is always the higher-scored one
-        chosen = [(order[0], order[-1])] if config.pairing == "best_worst" else list(combinations(order, 2))
-        for a, b in chosen:
-            label = 1.0 if scores[i, a] - scores[i, b] > config.min_margin else 0.5
-            pairs.append({"image_0": pil[i * k + a], "image_1": pil[i * k + b], "label_0": label, "caption": caption,
-                          "reward_0": float(scores[i, a]), "reward_1": float(scores[i, b])})
-    parquet = write_pairs_parquet(run_dir / "pairs.parquet", pairs)
-    usable = sum(p["label_0"] != 0.5 for p in pairs)
+    # 1-2. offline data (not for D3PO, which samples its own rounds while it trains): candidates
+    # sharing x_T per prompt, diverging through eta noise, paired and labelled by the reward
+    data, sampled = {}, {}
+    if config.method != "d3po":
+        parquet, sampled = _sample_pairs(config, pipe, shape, reward)
+        data = {"data": dataclasses.replace(config.train.data, source=str(parquet))}
 
     # 3. train
+    online = dataclasses.replace(config.train.online, prompts="shapes", rewards=[config.reward],
+                                 samples_per_prompt=config.samples_per_prompt, min_margin=config.min_margin,
+                                 num_inference_steps=config.sample_steps, eta=config.sample_eta,
+                                 guidance_scale=config.guidance_scale)
     train_config = dataclasses.replace(
         config.train, method=config.method, seed=config.seed, output_dir=str(run_dir / "train"),
-        model=dataclasses.replace(config.train.model, pretrained=config.model),
-        data=dataclasses.replace(config.train.data, source=str(parquet)))
+        model=dataclasses.replace(config.train.model, pretrained=config.model), online=online, **data)
     train_dir = run_training(train_config)
 
     # 4. before / after on held-out seeds, identical initial noise for both models
@@ -136,9 +128,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         "checks": {name: {"before": summarize(head(before, eval_prompts).numpy(), seed=config.seed),
                           "after": summarize(head(after, eval_prompts).numpy(), seed=config.seed)}
                    for name, head in ((n, load_reward(n)) for n in config.check_rewards if n != config.reward)},
-        "pairs": len(pairs),
-        "pairs_used": usable,
-        "pair_reward_margin": float((scores.max(1).values - scores.min(1).values).mean()),
+        **sampled,
         "eval_images_per_model": len(eval_prompts),
         "train_steps": train_config.max_steps,
         "seconds": time.time() - started,
@@ -149,6 +139,35 @@ def run_quickstart(config: QuickstartConfig) -> dict:
                                          result["seconds"]))
     (run_dir / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward) -> tuple[Path, dict]:
+    """Candidates for every shape caption sharing x_T, paired (all pairs or best vs worst) and
+    labelled by ``reward``, written as a Pick-a-Pic-format parquet (image_0 the higher-scored)."""
+    from diffpo.data.shapes import shape_captions
+    from diffpo.data.writer import write_pairs_parquet
+    from diffpo.eval.generate import generate, initial_latents, to_pil
+
+    captions = shape_captions(config.num_prompts, seed=config.seed)
+    k = config.samples_per_prompt
+    prompts = [c for c in captions for _ in range(k)]
+    x_T = initial_latents([config.seed * 100_000 + i for i in range(len(captions))], shape).repeat_interleave(k, 0)
+    eta_seeds = [config.seed * 100_000 + 50_000 + i for i in range(len(prompts))]
+    images = generate(pipe, prompts, eta_seeds, config.sample_steps, config.guidance_scale, eta=config.sample_eta,
+                      batch_size=config.batch_size, latents=x_T, progress=True, desc="sample pairs")
+    scores = reward(images, prompts).view(len(captions), k)
+    pil = to_pil(images)
+    pairs = []
+    for i, caption in enumerate(captions):
+        order = scores[i].argsort(descending=True).tolist()
+        chosen = [(order[0], order[-1])] if config.pairing == "best_worst" else list(combinations(order, 2))
+        for a, b in chosen:
+            label = 1.0 if scores[i, a] - scores[i, b] > config.min_margin else 0.5
+            pairs.append({"image_0": pil[i * k + a], "image_1": pil[i * k + b], "label_0": label, "caption": caption,
+                          "reward_0": float(scores[i, a]), "reward_1": float(scores[i, b])})
+    parquet = write_pairs_parquet(Path(config.output_dir) / "pairs.parquet", pairs)
+    return parquet, {"pairs": len(pairs), "pairs_used": sum(p["label_0"] != 0.5 for p in pairs),
+                     "pair_reward_margin": float((scores.max(1).values - scores.min(1).values).mean())}
 
 
 def _write_report(config: QuickstartConfig, run_dir: Path, before, after, prompts, seeds, r_before, r_after,

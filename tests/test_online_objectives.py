@@ -69,3 +69,12 @@ def test_pool_strategies_cover_their_entries():
     assert {first.draw(gen) for _ in range(10)} == {"base"} and {latest.draw(gen) for _ in range(10)} == {"b"}
     with pytest.raises(ValueError, match="uniform, first, latest"):
         CheckpointPool("base", "random")
+
+
+def test_d3po_saturated_ratio_gives_a_zero_not_a_nan_gradient():
+    # exp(200) overflows float32: the clamp must not turn it into 0 * inf
+    w = torch.tensor([200.0, -200.0], requires_grad=True)
+    loss, metrics = d3po_step_loss(w, torch.zeros(2), torch.zeros(2), torch.zeros(2))
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.equal(w.grad, torch.zeros(2))
+    assert metrics["clip_fraction"] == 1.0

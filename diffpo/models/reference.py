@@ -84,9 +84,12 @@ class LoraSnapshotReference:
 
     def __init__(self, unet):
         import copy
+        import warnings
 
         self.unet = unet
-        unet.add_adapter(copy.deepcopy(unet.peft_config["default"]), adapter_name=REFERENCE_ADAPTER)
+        with warnings.catch_warnings():  # peft warns about a second adapter: here that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.add_adapter(copy.deepcopy(unet.peft_config["default"]), adapter_name=REFERENCE_ADAPTER)
         unet.set_adapter("default")  # add_adapter activated the new one
         self.snapshot_id = None  # what is loaded: None (base) or the snapshot's id
         self.base = True

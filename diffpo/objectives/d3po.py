@@ -9,6 +9,8 @@ the PPO-style clip of the official code). Ties give no gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,14 +27,18 @@ def d3po_step_loss(
     """Per-pair loss (B,) of one denoising step and detached metrics; tied pairs get loss 0 and no gradient."""
     if beta <= 0 or not 0 < clip < 1:
         raise ValueError(f"beta={beta} must be > 0 and clip={clip} in (0, 1)")
-    log_ratio_w = torch.log(torch.clamp(torch.exp(logp_policy_w - logp_ref_w), 1 - clip, 1 + clip))
-    log_ratio_l = torch.log(torch.clamp(torch.exp(logp_policy_l - logp_ref_l), 1 - clip, 1 + clip))
+    # log(clamp(exp(d), 1 - clip, 1 + clip)) == clamp(d, log(1 - clip), log(1 + clip)), but the
+    # latter never forms exp(d): a saturated exp(d) = inf would turn the zero gradient of the
+    # clamp into 0 * inf = NaN and poison the weights
+    low, high = math.log1p(-clip), math.log1p(clip)
+    log_ratio_w = torch.clamp(logp_policy_w - logp_ref_w, low, high)
+    log_ratio_l = torch.clamp(logp_policy_l - logp_ref_l, low, high)
     logits = beta * (log_ratio_w - log_ratio_l)
     loss = -F.logsigmoid(logits)
     if tie is not None:
         loss = torch.where(tie.to(loss.device, torch.bool), torch.zeros_like(loss), loss)
     with torch.no_grad():
-        clipped = ((logp_policy_w - logp_ref_w).abs() > torch.log1p(torch.tensor(clip))).float()
+        clipped = ((logp_policy_w - logp_ref_w > high) | (logp_policy_w - logp_ref_w < low)).float()
         metrics = {"implicit_acc": ((logits > 0).float() + 0.5 * (logits == 0).float()).mean(),
                    "clip_fraction": clipped.mean(), "log_ratio_w": log_ratio_w.mean(), "log_ratio_l": log_ratio_l.mean()}
     return loss, metrics
