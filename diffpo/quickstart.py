@@ -94,10 +94,10 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet))}
 
     # 3. train
-    online = dataclasses.replace(config.train.online, prompts="shapes", rewards=[config.reward],
-                                 samples_per_prompt=config.samples_per_prompt, min_margin=config.min_margin,
-                                 num_inference_steps=config.sample_steps, eta=config.sample_eta,
-                                 guidance_scale=config.guidance_scale)
+    online = dataclasses.replace(config.train.online, eta=config.sample_eta, guidance_scale=config.guidance_scale)
+    if config.method == "d3po":  # its rounds are the quickstart's candidates
+        online = dataclasses.replace(online, prompts="shapes", rewards=[config.reward], min_margin=config.min_margin,
+                                     samples_per_prompt=config.samples_per_prompt, num_inference_steps=config.sample_steps)
     train_config = dataclasses.replace(
         config.train, method=config.method, seed=config.seed, output_dir=str(run_dir / "train"),
         model=dataclasses.replace(config.train.model, pretrained=config.model), online=online, **data)

@@ -43,3 +43,26 @@ def test_quickstart_writes_what_it_did(quickstart_run):
     pairs = pd.read_parquet(out / "pairs.parquet")
     assert {"jpg_0", "jpg_1", "label_0", "caption"} <= set(pairs.columns)
     assert (pairs.reward_0 >= pairs.reward_1).all()
+
+
+@pytest.mark.parametrize("method", ["d3po", "seppo"])
+def test_online_quickstart_presets_run_end_to_end(tmp_path, method):
+    """The method's preset (configs/quickstart_<method>.yaml) is picked by `method=`; shortened here
+    to a few steps, it trains, evaluates and writes its report (the full runs are the slow tests)."""
+    out = tmp_path / method
+    short = ["train.max_steps=2", "eval_seeds_per_prompt=1", "eval_steps=4", "sample_steps=4", "num_prompts=4",
+             "train.online.prompts_per_round=2"]
+    result = subprocess.run([sys.executable, "-m", "diffpo", "quickstart", f"method={method}", f"output_dir={out}", *short],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["method"] == method and summary["train_steps"] == 2
+    saved = (out / "train" / "config.yaml").read_text()
+    assert f"method: {method}" in saved
+    assert "beta: 0.1" in saved if method == "d3po" else "pool_every: 10" in saved  # the preset, not the DPO default
+    assert (out / "report" / "index.html").is_file() and (out / "train" / "final" / "diffpo.json").is_file()
+    if method == "d3po":
+        assert (out / "train" / "rounds" / "round-0000" / "round.json").is_file() and not (out / "pairs.parquet").exists()
+    else:
+        assert (out / "pairs.parquet").is_file()
+        assert not (out / "train" / "pool" / "pool.json").exists()  # 2 steps < pool_every: only the base

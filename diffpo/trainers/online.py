@@ -70,6 +70,8 @@ class Round:
     pairs: list[tuple[int, int]]
     ties: int
     stats: dict
+    groups: list[int]  # prompts with at least one non-tied pair
+    groups_per_batch: int
     steps: int = 0  # optimizer steps this round trains for
 
 
@@ -257,7 +259,10 @@ def _train(config: TrainConfig) -> Path:
                                 stored["log_probs"], float(stored["eta"]))
         prompts = stored["prompts"]
         text = stack.encode_prompts(prompts).select(torch.arange(len(prompts)).repeat_interleave(k))
-        micro_batches = len(pairs) * online.inner_epochs // config.train_batch_size
+        groups = sorted({w // k for w, _ in pairs})
+        # train_batch_size pairs per micro-step, rounded up to whole prompts
+        groups_per_batch = min(len(groups), -(-config.train_batch_size // (k * (k - 1) // 2))) if groups else 1
+        micro_batches = len(groups) * online.inner_epochs // groups_per_batch
         steps = max(1, micro_batches // config.gradient_accumulation_steps) if pairs else 0
         if online.reference == "previous_round":
             from safetensors.torch import load_file
@@ -265,38 +270,41 @@ def _train(config: TrainConfig) -> Path:
             reference.load(load_file(str(folder / f"reference{suffix}.safetensors")), snapshot_id=("round", index))
         else:
             reference.load(None)
-        return Round(index, prompts, trajectory, text, pairs, ties, stats, steps)
+        return Round(index, prompts, trajectory, text, pairs, ties, stats, groups, groups_per_batch, steps)
 
     def d3po_micro_step(current: Round, micro_in_round: int, generator: torch.Generator, scale: float, sync: bool) -> dict:
-        """Per-step DPO on ``train_batch_size`` pairs of the round; one backward per denoising step."""
-        b = config.train_batch_size
-        order = torch.cat([torch.randperm(len(current.pairs), generator=torch.Generator().manual_seed(
+        """Per-step DPO on the pairs of ``groups_per_batch`` prompts; one backward per denoising step.
+
+        All samples of a prompt are scored at the same (shuffled) step, so each transition is
+        re-scored once however many pairs it is in: k samples give k(k-1)/2 pairs per k forwards."""
+        k = online.samples_per_prompt
+        order = torch.cat([torch.randperm(len(current.groups), generator=torch.Generator().manual_seed(
             config.seed * 9_973 + current.index * 101 + epoch)) for epoch in range(online.inner_epochs + 1)])
-        positions = [(micro_in_round * b + i) % len(order) for i in range(b)]
-        chosen = [current.pairs[int(order[p])] for p in positions]
-        winners = torch.tensor([w for w, _ in chosen])
-        losers = torch.tensor([lo for _, lo in chosen])
-        samples = torch.cat([winners, losers])
+        n = current.groups_per_batch
+        groups = [current.groups[int(order[(micro_in_round * n + i) % len(order)])] for i in range(n)]
+        samples = torch.tensor([g * k + j for g in groups for j in range(k)])
+        slot = {int(sample): i for i, sample in enumerate(samples)}  # a sample's row in the batch
+        chosen = [(slot[w], slot[lo]) for w, lo in current.pairs if w // k in groups]
+        winners, losers = torch.tensor([w for w, _ in chosen]), torch.tensor([lo for _, lo in chosen])
         num_steps = current.trajectory.timesteps.shape[0]
         trained = max(1, round(num_steps * online.timestep_fraction))
-        # the two trajectories of a pair are scored at the same step; the order is shuffled per pair
-        perms = torch.stack([torch.randperm(num_steps, generator=generator)[:trained] for _ in range(b)])
-        text = current.text.select(samples)
-        cond, uncond = conditioning(text), unconditional(2 * b)
+        perms = torch.stack([torch.randperm(num_steps, generator=generator)[:trained] for _ in groups])
+        cond, uncond = conditioning(current.text.select(samples)), unconditional(len(samples))
         totals: dict[str, float] = {}
         for i in range(trained):
-            steps = perms[:, i].repeat(2)
+            steps = perms[:, i].repeat_interleave(k)
             args = (sampler_scheduler, current.trajectory, steps, samples, cond, uncond, online.guidance_scale,
                     stack.prediction_type)
             with torch.no_grad(), accelerator.autocast():
                 logp_ref = rescore_transitions(reference, *args)
             logp_policy = rescore_transitions(policy, *args)
-            loss, metrics = d3po_step_loss(logp_policy[:b], logp_ref[:b], logp_policy[b:], logp_ref[b:],
+            loss, metrics = d3po_step_loss(logp_policy[winners], logp_ref[winners], logp_policy[losers], logp_ref[losers],
                                            beta=config.objective.beta, clip=config.objective.clip_range)
             loss = loss.mean()
             backward(loss * scale / trained, sync and i == trained - 1)
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) / trained
+        totals["pairs_per_batch"] = float(len(chosen))
         return totals
 
     # ---- SePPO batches ----------------------------------------------------------------------------
@@ -309,7 +317,12 @@ def _train(config: TrainConfig) -> Path:
         drawn = pool.draw_index(generator)
         reference.load(pool.entries[drawn], snapshot_id=("pool", drawn))
         x_T = torch.randn(latents_w.shape, generator=generator)
-        latents_r = sample(reference, text, x_T, generator).final.to(weight_dtype)
+        # the sample goes the winners' way (decoded to 8-bit pixels, encoded again), so that raw
+        # sampled latents vs. VAE-encoded images is not a difference the policy can learn instead
+        pixels_r = (decode(sample(reference, text, x_T, generator).final) * 255).round() / 255 * 2 - 1
+        mean_r, std_r = stack.encode_images(pixels_r)
+        eps_r = torch.randn(mean_r.shape, generator=generator).to(mean_r.device)
+        latents_r = stack.latents_from_distribution(mean_r, std_r, eps_r).to(weight_dtype)
         noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, generator)
         noised = noise_pairs(stack.noise_scheduler, latents_w, latents_r, noise, timesteps)
         target = prediction_target(stack.prediction_type, stack.noise_scheduler, noised.latents, noised.noise, noised.timesteps)
@@ -372,7 +385,7 @@ def _train(config: TrainConfig) -> Path:
             for key, value in metrics.items():
                 metrics_sum[key] = metrics_sum.get(key, 0.0) + value / accumulation
             state["micro_step"] += 1
-            log.count(config.train_batch_size)
+            log.count(int(metrics.get("pairs_per_batch", config.train_batch_size)))
         max_norm = config.optim.max_grad_norm or float("inf")
         grad_norm = accelerator.clip_grad_norm_(params, max_norm)
         optimizer.step()
@@ -401,7 +414,8 @@ def _train(config: TrainConfig) -> Path:
             if is_d3po:  # the round being trained: its rewards, ties, labels
                 values.update(current.stats, round=float(state["round"]))
             record = log.write(step, values)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
+            shown = {"acc": record["implicit_acc"]} if is_d3po else {"flip": record["flip_rate"]}
+            progress.set_postfix(loss=f"{record['loss']:.4f}", **{k: f"{v:.2f}" for k, v in shown.items()})
             window, window_count = {}, 0
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
             save_checkpoint(accelerator, run_dir, dict(state), config.checkpoints_total_limit)
