@@ -36,6 +36,7 @@ class QuickstartConfig:
     num_prompts: int = 90  # shape captions used for the pairs (90 = all of them)
     samples_per_prompt: int = 4  # candidates per prompt, sharing x_T
     pairing: Literal["all", "best_worst"] = "all"  # every pair of candidates, or only best vs worst
+    winners: Literal["samples", "renders"] = "samples"  # winners-only methods (SePPO): the pairs' winners, or clean renders of the captions
     min_margin: float = 0.0  # pairs whose rewards differ by no more than this are ties (dropped)
     sample_steps: int = 20
     sample_eta: float = 1.0
@@ -89,7 +90,10 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     # 1-2. offline data (not for D3PO, which samples its own rounds while it trains): candidates
     # sharing x_T per prompt, diverging through eta noise, paired and labelled by the reward
     data, sampled = {}, {}
-    if config.method != "d3po":
+    if config.method == "seppo" and config.winners == "renders":
+        parquet, sampled = _render_winners(config, stack.native_resolution)
+        data = {"data": dataclasses.replace(config.train.data, source=str(parquet))}
+    elif config.method != "d3po":
         parquet, sampled = _sample_pairs(config, pipe, shape, reward)
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet))}
 
@@ -139,6 +143,17 @@ def run_quickstart(config: QuickstartConfig) -> dict:
                                          result["seconds"]))
     (run_dir / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _render_winners(config: QuickstartConfig, resolution: int) -> tuple[Path, dict]:
+    """Preferred images without a model: ``samples_per_prompt`` clean renders per shape caption
+    (flat colours, the caption's shape) as an image+caption parquet, as SePPO reads Pick-a-Pic winners."""
+    from diffpo.data.shapes import sample_shapes
+    from diffpo.data.writer import write_images_parquet
+
+    renders = sample_shapes(config.num_prompts * config.samples_per_prompt, size=resolution, seed=config.seed)
+    path = write_images_parquet(Path(config.output_dir) / "winners.parquet", [im for im, _ in renders], [c for _, c in renders])
+    return path, {"winners": len(renders)}
 
 
 def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward) -> tuple[Path, dict]:

@@ -66,3 +66,15 @@ def test_online_quickstart_presets_run_end_to_end(tmp_path, method):
     else:
         assert (out / "pairs.parquet").is_file()
         assert not (out / "train" / "pool" / "pool.json").exists()  # 2 steps < pool_every: only the base
+
+
+@pytest.mark.slow
+def test_d3po_quickstart_moves_the_reward_with_a_high_win_rate(tmp_path):
+    """The shipped D3PO preset, full length (about 5 minutes on 2 CPU cores)."""
+    out = tmp_path / "d3po"
+    result = subprocess.run([sys.executable, "-m", "diffpo", "quickstart", "method=d3po", f"output_dir={out}"],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["reward_after"]["mean"] > summary["reward_before"]["mean"]
+    assert summary["win_rate"]["ci95"][0] > 0.6

@@ -70,11 +70,16 @@ def gaussian_logprob(prev_sample: torch.Tensor, mean: torch.Tensor, sigma: torch
     return log_density.reshape(prev.shape[0], -1).mean(dim=1)
 
 
+def ddim_mean(coef: StepCoefficients, sample: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The DDIM step's mean mu = c1 x_t + c2 eps_hat (the whole step when eta = 0)."""
+    return coef.c1.to(sample) * sample + coef.c2.to(sample) * eps
+
+
 def ddim_step(coef: StepCoefficients, sample: torch.Tensor, eps: torch.Tensor, prev_sample: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step: (x_{t-1}, its log-probability (B,)). With ``prev_sample`` given, the step is
     not drawn but scored (re-scoring a stored transition)."""
-    mean = coef.c1.to(sample) * sample + coef.c2.to(sample) * eps
+    mean = ddim_mean(coef, sample, eps)
     if prev_sample is None:
         noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32).to(sample)
         prev_sample = mean + coef.sigma.to(sample) * noise
