@@ -1,0 +1,43 @@
+"""SmPO's soft labels and loss against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from diffpo.objectives.smpo import PICKSCORE_HIGH, PICKSCORE_LOW, smpo_loss, soft_labels
+
+
+def test_soft_labels_are_the_softmax_of_min_max_normalised_rewards():
+    rw, rl = torch.tensor([0.25]), torch.tensor([0.20])
+    nw = (0.25 - PICKSCORE_LOW) / (PICKSCORE_HIGH - PICKSCORE_LOW)
+    nl = (0.20 - PICKSCORE_LOW) / (PICKSCORE_HIGH - PICKSCORE_LOW)
+    expected = math.exp(nw) / (math.exp(nw) + math.exp(nl))
+    assert float(soft_labels(rw, rl)) == pytest.approx(expected, rel=1e-6)
+    assert float(soft_labels(torch.tensor([3.0]), torch.tensor([1.0]), low=0.0, high=4.0)) == pytest.approx(
+        math.exp(0.75) / (math.exp(0.75) + math.exp(0.25)), rel=1e-6)
+    with pytest.raises(ValueError, match="high > low"):
+        soft_labels(rw, rl, low=1.0, high=1.0)
+
+
+def test_smpo_loss_is_log2_at_initialisation_and_hand_computed_after():
+    e = torch.tensor([0.3, 0.1])
+    p = torch.tensor([0.7, 0.6])
+    loss, _ = smpo_loss(e, e + 0.2, e, e + 0.2, p, beta=2000.0)
+    torch.testing.assert_close(loss, torch.full((2,), math.log(2)))
+    # dtheta - dref = (0.1 - 0.3) - (0.2 - 0.3) = -0.1, so logit = -1/2 * beta * gamma * (2p - 1) * -0.1 = 0.2
+    loss, _ = smpo_loss(torch.tensor([0.1]), torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([0.3]),
+                        torch.tensor([0.7]), beta=1.0, gamma=10.0)
+    logit = -0.5 * 1.0 * 10.0 * (2 * 0.7 - 1) * (-0.1)
+    assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-logit))), rel=1e-5)
+
+
+def test_equal_rewards_give_no_gradient():
+    policy_w = torch.tensor([0.2, 0.4], requires_grad=True)
+    policy_l = torch.tensor([0.3, 0.1], requires_grad=True)
+    p = soft_labels(torch.tensor([0.2, 0.2]), torch.tensor([0.2, 0.2]))
+    assert torch.equal(p, torch.full((2,), 0.5))
+    loss, _ = smpo_loss(policy_w, policy_l, torch.zeros(2), torch.zeros(2), p, beta=5000.0)
+    loss.sum().backward()
+    assert torch.equal(policy_w.grad, torch.zeros(2)) and torch.equal(policy_l.grad, torch.zeros(2))
+    torch.testing.assert_close(loss, torch.full((2,), math.log(2)))
