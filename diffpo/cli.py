@@ -51,6 +51,20 @@ def _quickstart(args) -> None:
     print(f"grid and quickstart.json in {result['run_dir']}")
 
 
+def _data_top_k(args) -> None:
+    from diffpo.data.topk import top_k_images, write_top_k
+    from diffpo.rewards import load as load_reward
+
+    options = _reward_options(args.reward_option, [args.reward]).get(args.reward, {})
+    if _is_learned(args.reward):
+        options.update(device=args.device)
+    head = load_reward(args.reward, **options)
+    records = top_k_images(args.source, head, args.k, tuple(args.image_column or ("jpg_0", "jpg_1")),
+                           args.caption_column, progress=not args.no_progress)
+    out = write_top_k(records, args.out, args.reward)
+    print(f"{len(records)} images written to {out} (scores {records[-1]['score']:.4f} to {records[0]['score']:.4f})")
+
+
 def _eval(args) -> None:
     from diffpo.eval.config import load_eval_config
     from diffpo.eval.runner import run_eval
@@ -188,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     label.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: any free port)")
     label.set_defaults(func=_label)
+
+    data = commands.add_parser("data", help="build datasets: top-k expert images by a reward head",
+                               description="Dataset tools. `diffpo data top-k` keeps the K best distinct images of a "
+                                           "Pick-a-Pic-format parquet / JSONL / datasets id by a reward head and writes "
+                                           "an image+caption parquet (jpg_0, caption, the score, source_row, source_column).")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    top_k = data_commands.add_parser("top-k", help="the K best images by a reward head, as an image+caption parquet",
+                                     description="Score every distinct image of SOURCE with --reward and keep the best --k.")
+    top_k.add_argument("--source", required=True, help="parquet file/folder/glob, a .jsonl manifest, or a datasets id")
+    top_k.add_argument("--reward", required=True, help="a reward head: pickscore, hps-v2.1, aesthetic, clip, jpeg-compressibility, ...")
+    top_k.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                       help="a head option (repeatable), e.g. pickscore.path=ckpts/PickScore_v1")
+    top_k.add_argument("--k", type=int, required=True, help="how many images to keep")
+    top_k.add_argument("--out", required=True, help="output parquet")
+    top_k.add_argument("--image-column", action="append", default=None, help="image column (repeatable; default jpg_0 and jpg_1)")
+    top_k.add_argument("--caption-column", default="caption", help="caption column (default caption)")
+    top_k.add_argument("--device", default="cpu", help="device of learned heads (default cpu)")
+    top_k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    top_k.set_defaults(func=_data_top_k)
     return parser
 
 

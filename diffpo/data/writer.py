@@ -35,8 +35,9 @@ def write_pairs_parquet(path: str | Path, pairs: list[dict]) -> Path:
     return path
 
 
-def write_images_parquet(path: str | Path, images: list, captions: list[str]) -> Path:
-    """An image+caption table (``jpg_0``, ``caption``): what SePPO and other winners-only methods read."""
+def write_images_parquet(path: str | Path, images: list, captions: list[str], extra: dict[str, list] | None = None) -> Path:
+    """An image+caption table (``jpg_0``, ``caption``, and ``extra`` columns such as scores): what
+    SePPO and other winners-only methods read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -44,5 +45,6 @@ def write_images_parquet(path: str | Path, images: list, captions: list[str]) ->
         raise ValueError(f"{len(images)} images and {len(captions)} captions: pass one caption per image")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"jpg_0": [encode_png(image) for image in images], "caption": [str(c) for c in captions]}), path)
+    columns = {"jpg_0": [encode_png(image) for image in images], "caption": [str(c) for c in captions]}
+    pq.write_table(pa.table({**columns, **(extra or {})}), path)
     return path
