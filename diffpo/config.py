@@ -92,6 +92,7 @@ class DataConfig:
     flip: Literal["none", "joint", "independent"] = "none"  # horizontal flip of a pair's images
     prompt_dropout: float = 0.0  # probability of training a pair on the empty prompt
     num_workers: int = 0
+    score_columns: list[str] | None = None  # reward scores of image 0 and image 1 (SmPO), e.g. [pickscore_0, pickscore_1]
 
     def __post_init__(self):
         if not 0.0 <= self.prompt_dropout <= 1.0:
@@ -117,6 +118,10 @@ class ObjectiveConfig:
     beta: float = 5000.0  # DESIGN.md convention: loss = -log sigmoid(-beta/2 (dtheta - dref)); D3PO: 0.1 on log-ratios
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     clip_range: float = 0.1  # D3PO: per-step likelihood ratios clamped to [1 - clip_range, 1 + clip_range]
+    gamma: float = 10.0  # SmPO: the official scale on the soft-label logit
+    score_low: float = 0.11543526500463486  # SmPO: min-max normalisation of data.score_columns (official PickScore)
+    score_high: float = 0.28201571106910706
+    inversion_steps: int = 5  # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10)
 
     def __post_init__(self):
         if self.beta <= 0:

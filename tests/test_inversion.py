@@ -189,3 +189,27 @@ def test_regularisation_pulls_towards_the_reference_statistics_on_video_latents(
     out = regularize_noise(eps, reference, only_kl, gen)
     assert out.shape == eps.shape and torch.isfinite(out).all()
     assert patch_kl_divergence(out, reference) < patch_kl_divergence(eps, reference)
+
+
+def test_invert_to_timesteps_matches_plain_inversion_on_a_shared_grid_and_is_per_sample():
+    """With every sample at timestep 900 and 9 steps, the per-sample grid is 100, 200, ..., 900: a
+    DDIM inversion along exactly those timesteps; each sample's result does not depend on the others."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from diffpo.kernel.inversion import invert_to_timesteps
+    from diffpo.kernel.trajectory import step_coefficients
+
+    scheduler = DDIMScheduler.from_config(DDPMScheduler.from_pretrained("assets/tiny-sd-shapes", subfolder="scheduler").config)
+    denoise = lambda x, t, c: 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1) / 1000  # noqa: E731
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = invert_to_timesteps(denoise, scheduler, x0, {}, torch.tensor([900, 900, 900]), 9, renoise_steps=1)
+    expected, prev = x0.clone(), torch.full((3,), -1)
+    for t in range(100, 1000, 100):
+        tt = torch.full((3,), t)
+        coef = step_coefficients(scheduler, tt, prev, 0.0, 4)
+        expected = (expected - coef.c2 * denoise(expected, tt, {})) / coef.c1
+        prev = tt
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    mixed = invert_to_timesteps(denoise, scheduler, x0, {}, torch.tensor([900, 300, 50]), 5)
+    alone = invert_to_timesteps(denoise, scheduler, x0[1:2], {}, torch.tensor([300]), 5)
+    torch.testing.assert_close(mixed[1:2], alone)

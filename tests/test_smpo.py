@@ -41,3 +41,35 @@ def test_equal_rewards_give_no_gradient():
     loss.sum().backward()
     assert torch.equal(policy_w.grad, torch.zeros(2)) and torch.equal(policy_l.grad, torch.zeros(2))
     torch.testing.assert_close(loss, torch.full((2,), math.log(2)))
+
+
+def test_smpo_first_step_is_log2_on_the_bundled_model(tmp_path):
+    import json
+
+    from conftest import make_pairs
+    from diffpo.config import TrainConfig, from_dict
+    from diffpo.data.writer import write_pairs_parquet
+    from diffpo.trainers import run_training
+
+    pairs = make_pairs(4)
+    for i, pair in enumerate(pairs):
+        pair["reward_0"], pair["reward_1"] = 0.2 + 0.01 * i, 0.18
+    source = write_pairs_parquet(tmp_path / "pairs.parquet", pairs)
+    config = from_dict(TrainConfig, {
+        "method": "smpo", "output_dir": str(tmp_path / "run"), "max_steps": 2, "train_batch_size": 2,
+        "progress_bar": False, "model": {"pretrained": "tiny"}, "objective": {"beta": 2000.0, "inversion_steps": 3},
+        "optim": {"lr": 1e-3}, "data": {"source": str(source), "score_columns": ["reward_0", "reward_1"]}})
+    run_dir = run_training(config)
+    first, second = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at initialisation
+    assert 0.5 < first["soft_label"] < 1.0 and second["loss"] != first["loss"]
+
+
+def test_smpo_without_scores_is_a_config_error(tmp_path, shapes_parquet):
+    from diffpo.config import ConfigError, TrainConfig, from_dict
+    from diffpo.trainers import run_training
+
+    config = from_dict(TrainConfig, {"method": "smpo", "output_dir": str(tmp_path / "run"), "max_steps": 1,
+                                     "model": {"pretrained": "tiny"}, "data": {"source": shapes_parquet}})
+    with pytest.raises(ConfigError, match="score_columns"):
+        run_training(config)

@@ -87,11 +87,15 @@ class PreferencePairs(torch.utils.data.Dataset):
         seed: int = 0,
         base_dir: str | Path | None = None,
         winners_only: bool = False,
+        score_columns: list[str] | None = None,
     ):
         # winners_only (SePPO): only the preferred image is read; a plain image+caption table
         # (no image_1 / label column) counts as all winners
         plain = winners_only and image_1_column not in table.column_names and label_column not in table.column_names
         needed = (image_0_column, caption_column) if plain else (image_0_column, image_1_column, label_column, caption_column)
+        if score_columns is not None and len(score_columns) != 2:
+            raise DataError(f"data.score_columns={score_columns} must name two columns: the scores of image 0 and image 1")
+        needed = (*needed, *(score_columns or ()))
         missing = [c for c in needed if c not in table.column_names]
         if missing:
             raise DataError(
@@ -113,6 +117,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.resolution, self.crop, self.flip, self.seed = resolution, crop, flip, seed
         self.base_dir = Path(base_dir) if base_dir else None
         self.winners_only = winners_only
+        self.score_columns = score_columns
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -134,6 +139,9 @@ class PreferencePairs(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index, 0])
         flips = flip_decisions(self.seed, self.epoch, index, self.flip)
         item = {"index": index, "caption": str(record[col_caption] or ""), "label": float(label)}
+        if self.score_columns:  # reward scores of winner and loser (SmPO's soft labels)
+            score_0, score_1 = (float(record[c]) for c in self.score_columns)
+            item["score_w"], item["score_l"] = (score_0, score_1) if label >= 0.5 else (score_1, score_0)
         sides = (("w", first, flips[0]),) if self.winners_only else (("w", first, flips[0]), ("l", second, flips[1]))
         for name, column, flip in sides:
             image = decode_image(record[column], self.base_dir, where=f"row {row} column {column}")
@@ -181,4 +189,5 @@ def build_pairs(data_config, resolution: int, seed: int, winners_only: bool = Fa
         seed=seed,
         base_dir=base_dir,
         winners_only=winners_only,
+        score_columns=data_config.score_columns,
     )

@@ -156,6 +156,29 @@ def invert(denoise: Denoiser, scheduler, latents_0: torch.Tensor, cond: dict, un
 
 
 @torch.no_grad()
+@torch.no_grad()
+def invert_to_timesteps(denoise: Denoiser, scheduler, latents_0: torch.Tensor, cond: dict, timesteps: torch.Tensor,
+                        num_steps: int, renoise_steps: int = 2, average_from: int = 0,
+                        prediction_type: str = "epsilon") -> torch.Tensor:
+    """x~_t for every sample at its own timestep ``timesteps[b]`` (SmPO's trajectory from inversion):
+    ``num_steps`` ReNoise steps without guidance on the per-sample grid round(t_b k / num_steps),
+    k = 1..num_steps, starting from x_0 at the final alpha. Defaults: one re-prediction per step,
+    averaged with the plain one (diffpo's reading of SmPO's "one ReNoise iteration with averaging")."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be >= 1")
+    model_dtype = latents_0.dtype
+    sample = latents_0.float()
+    timesteps = timesteps.long().cpu()
+    prev = torch.full_like(timesteps, -1)
+    for k in range(1, num_steps + 1):
+        t = torch.div(timesteps * k + num_steps // 2, num_steps, rounding_mode="floor")
+        coef = step_coefficients(scheduler, t, prev, 0.0, sample.ndim)
+        predict_eps = _noise_predictor(denoise, t.to(sample.device), coef, cond, None, 1.0, prediction_type, model_dtype)
+        sample = renoise_step(predict_eps, coef, sample, renoise_steps, average_from)
+        prev = t
+    return sample
+
+
 def sample_from(denoise: Denoiser, scheduler, latents_T: torch.Tensor, cond: dict, uncond: dict | None = None,
                 guidance: float = 1.0, num_inference_steps: int = 50, prediction_type: str = "epsilon") -> torch.Tensor:
     """Deterministic DDIM sampling (eta = 0) from x_T: latents (T+1, B, ...) from x_T to x_0, fp32."""

@@ -14,29 +14,40 @@ import torch
 from diffpo.objectives.d3po import d3po_step_loss
 from diffpo.objectives.dpo import diffusion_dpo_loss, sft_loss
 from diffpo.objectives.seppo import aaf_loss
+from diffpo.objectives.smpo import smpo_loss, soft_labels
 
 
 @dataclass(frozen=True)
 class Method:
     loop: str  # the trainer module in diffpo.trainers that runs it
     needs_reference: bool
-    loss: Callable  # offline pairs: (PairErrors, ObjectiveConfig) -> (per-pair loss (B,), metrics); online: the step loss
+    loss: Callable  # offline pairs: (PairErrors, ObjectiveConfig, batch) -> (per-pair loss (B,), metrics); online: the step loss
     paper: str
+    prepare: str | None = None  # offline pairs: how x_t and the target are made (None: shared noise; "inversion": SmPO)
 
 
-def _dpo(errors, objective) -> tuple[torch.Tensor, dict]:
+def _dpo(errors, objective, batch=None) -> tuple[torch.Tensor, dict]:
     return diffusion_dpo_loss(
         errors.policy_w, errors.policy_l, errors.ref_w, errors.ref_l, objective.beta, objective.loss_type
     )
 
 
-def _sft(errors, objective) -> tuple[torch.Tensor, dict]:
+def _sft(errors, objective, batch=None) -> tuple[torch.Tensor, dict]:
     return sft_loss(errors.policy_w)
+
+
+def _smpo(errors, objective, batch) -> tuple[torch.Tensor, dict]:
+    p = soft_labels(torch.as_tensor(batch["score_w"]), torch.as_tensor(batch["score_l"]), objective.score_low,
+                    objective.score_high)
+    return smpo_loss(errors.policy_w, errors.policy_l, errors.ref_w, errors.ref_l, p.to(errors.policy_w.device),
+                     objective.beta, objective.gamma)
 
 
 METHODS: dict[str, Method] = {
     "diffusion_dpo": Method("offline_pairs", True, _dpo, "Wallace et al., Diffusion Model Alignment Using DPO, CVPR 2024"),
     "sft": Method("offline_pairs", False, _sft, "supervised fine-tuning on preferred images (baseline)"),
+    "smpo": Method("offline_pairs", True, _smpo, "Lu et al., Smoothed Preference Optimization via ReNoise Inversion "
+                                                 "(SmPO), ICML 2025", prepare="inversion"),
     # online methods sample while training; diffpo.trainers.online calls their losses directly
     "d3po": Method("online", True, d3po_step_loss, "Yang et al., Using Human Feedback to Fine-tune Diffusion Models "
                                                    "without Any Reward Model (D3PO), CVPR 2024"),

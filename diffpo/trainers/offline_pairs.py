@@ -1,5 +1,5 @@
-"""The offline-pairs loop: Diffusion-DPO, SFT and every method that learns from a fixed set of
-preference pairs. One file, top to bottom: set up, (resume), train, export.
+"""The offline-pairs loop: Diffusion-DPO, SFT, SmPO and every method that learns from a fixed set
+of preference pairs. One file, top to bottom: set up, (resume), train, export.
 
 Per micro-step: get latent distributions and text embeddings (from the cache, or by running the
 VAE and text encoders), draw everything random from the step's own generator, noise winner and
@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from diffpo.config import TrainConfig
 from diffpo.dtypes import MIXED_PRECISION_DTYPES
-from diffpo.kernel.denoising import noise_pairs, pair_errors, pair_noise, prediction_target
+from diffpo.config import ConfigError
+from diffpo.kernel.denoising import NoisedPairs, noise_pairs, pair_errors, pair_noise, prediction_target
+from diffpo.kernel.inversion import invert_to_timesteps, inversion_target
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.objectives import METHODS
 from diffpo.trainers.common import (
@@ -51,6 +53,7 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
+    from diffusers import DDIMScheduler
     from diffusers.training_utils import EMAModel
 
     from diffpo.data.cache import CachedPairs, build_cache
@@ -106,6 +109,15 @@ def _train(config: TrainConfig) -> Path:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     policy = unet_denoiser(unet)
+    sampling_policy = unet_denoiser(accelerator.unwrap_model(unet))  # no-grad uses (SmPO's inversion)
+    inversion_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)  # the DDIM alphas, final alpha included
+    if method.prepare == "inversion" and stack.prediction_type != "epsilon":
+        raise ConfigError(f"method={config.method} trains against an inversion noise target: it needs an epsilon-prediction model")
+    if method.prepare == "inversion" and config.cache.enabled:
+        raise ConfigError(f"method={config.method} reads reward scores with every pair: set cache.enabled=false")
+    if method.prepare == "inversion" and config.data.score_columns is None:
+        raise ConfigError(f"method={config.method} needs reward scores per image: set data.score_columns "
+                          "(e.g. [pickscore_0, pickscore_1] from `diffpo score --pairs`)")
     if accelerator.is_main_process:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 
@@ -138,14 +150,22 @@ def _train(config: TrainConfig) -> Path:
         text = text.where(drop, empty_text).repeat_pairs()
         noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, generator)
         noised = noise_pairs(stack.noise_scheduler, latents_w, latents_l, noise, timesteps)
-        target = prediction_target(stack.prediction_type, stack.noise_scheduler, noised.latents, noised.noise, noised.timesteps)
         time_ids = None
         if stack.family.name == "sdxl":
             time_ids = sdxl_time_ids(torch.cat([batch["original_size_w"], batch["original_size_l"]]),
                                      torch.cat([batch["crop_w"], batch["crop_l"]]), resolution)
         conditioning = stack.family.unet_conditioning(text, time_ids)
+        if method.prepare == "inversion":  # SmPO: x_t from inverting x_0 with the current policy, target tau
+            noisy = invert_to_timesteps(sampling_policy, inversion_scheduler, noised.latents, conditioning,
+                                        noised.timesteps, config.objective.inversion_steps)
+            alphas = stack.noise_scheduler.alphas_cumprod[noised.timesteps.cpu()]
+            target = inversion_target(noisy, noised.latents, alphas).to(noised.latents.dtype)
+            noised = NoisedPairs(noisy.to(noised.latents.dtype), target, noised.timesteps, noised.latents)
+        else:
+            target = prediction_target(stack.prediction_type, stack.noise_scheduler, noised.latents, noised.noise,
+                                       noised.timesteps)
         errors = pair_errors(policy, reference, noised, conditioning, target)
-        per_pair, metrics = method.loss(errors, config.objective)
+        per_pair, metrics = method.loss(errors, config.objective, batch)
         return per_pair.mean(), metrics
 
     # ---- train --------------------------------------------------------------------------------
