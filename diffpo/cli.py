@@ -53,12 +53,8 @@ def _quickstart(args) -> None:
 
 def _data_top_k(args) -> None:
     from diffpo.data.topk import top_k_images, write_top_k
-    from diffpo.rewards import load as load_reward
 
-    options = _reward_options(args.reward_option, [args.reward]).get(args.reward, {})
-    if _is_learned(args.reward):
-        options.update(device=args.device)
-    head = load_reward(args.reward, **options)
+    head = _load_heads([args.reward], args.reward_option, args.device)[args.reward]
     records = top_k_images(args.source, head, args.k, tuple(args.image_column or ("jpg_0", "jpg_1")),
                            args.caption_column, progress=not args.no_progress)
     out = write_top_k(records, args.out, args.reward)
@@ -96,21 +92,29 @@ def _reward_options(pairs: list[str], names: list[str]) -> dict[str, dict]:
     return options
 
 
+def _load_heads(names: list[str], option_pairs: list[str], device: str = "cpu", dtype: str = "fp32",
+                batch_size: int | None = None) -> dict:
+    """Reward heads by name with their ``NAME.KEY=VALUE`` options; device and dtype reach learned heads."""
+    from diffpo.rewards import load
+
+    options = _reward_options(option_pairs, names)
+    heads = {}
+    for name in names:
+        opts = ({"batch_size": batch_size} if batch_size else {}) | options[name]
+        learned = {"device": device, "dtype": dtype} if _is_learned(name) else {}
+        heads[name] = load(name, **learned, **opts)
+    return heads
+
+
 def _score(args) -> None:
     from diffpo.eval.score import score_folder, score_pairs
-    from diffpo.rewards import load
 
     if (args.images is None) == (args.pairs is None):
         raise ValueError("pass either --images DIR --prompts FILE or --pairs PARQUET")
     if args.images is not None and args.prompts is None:
         raise ValueError("--images needs --prompts FILE (one prompt per line, or a .jsonl/.csv manifest with file,prompt)")
-    names = list(dict.fromkeys(args.reward))
-    options = _reward_options(args.reward_option, names)
-    heads = {}
-    for name in names:
-        opts = {"batch_size": args.batch_size, **options[name]}
-        learned = {"device": args.device, "dtype": args.dtype} if _is_learned(name) else {}
-        heads[name] = load(name, **learned, **opts)
+    heads = _load_heads(list(dict.fromkeys(args.reward)), args.reward_option, args.device, args.dtype,
+                        batch_size=args.batch_size)
     if args.pairs is not None:
         out = score_pairs(args.pairs, heads, args.out, batch_size=args.batch_size, progress=not args.no_progress)
         print(f"scored pairs written to {out}")

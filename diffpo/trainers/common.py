@@ -221,3 +221,39 @@ def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: i
         (final / "diffpo.json").write_text(json.dumps({
             "base_model": stack.source, "finetune": config.finetune, "method": config.method,
             "steps": global_step, "pipeline_class": stack.family.pipeline_class_name}, indent=2))
+
+
+def run_resetting_accelerate(loop, config):
+    """Run a training loop; afterwards reset accelerate's process-wide state singleton so that the
+    next run in this process (quickstart, notebooks, tests) may choose another precision or device."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        return loop(config)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def make_ema(config, params, accelerator):
+    """The EMA of the trained weights (``config.ema``), checkpointed with the run; None when off."""
+    if not config.ema.enabled:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(params, decay=config.ema.decay)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict) -> tuple[dict, MetricsLog]:
+    """Load the checkpoint ``resume_from`` names (if any) into the accelerator and ``state`` (the
+    loop's counters); a fresh run starts a new ``metrics.jsonl``. Returns (state, metrics log)."""
+    checkpoint = resolve_resume(run_dir, resume_from)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = {**state, **json.loads((checkpoint / STATE_FILE).read_text())}
+        accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
+    elif accelerator.is_main_process:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return state, MetricsLog(accelerator, run_dir / "metrics.jsonl")

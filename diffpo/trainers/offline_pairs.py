@@ -9,7 +9,6 @@ forward each, apply the method's objective, step.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,17 +22,17 @@ from diffpo.kernel.inversion import invert_to_timesteps, inversion_target
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.objectives import METHODS
 from diffpo.trainers.common import (
-    STATE_FILE,
     EpochSampler,
-    MetricsLog,
     build_optimization,
     check_finite,
     export_final,
     load_policy,
     make_accelerator,
+    make_ema,
     prepare_run_dir,
     reference_dtype,
-    resolve_resume,
+    resume,
+    run_resetting_accelerate,
     save_checkpoint,
     step_generator,
 )
@@ -41,20 +40,12 @@ from diffpo.trainers.common import (
 
 def train(config: TrainConfig) -> Path:
     """Run the offline-pairs loop for ``config``; returns the run directory."""
-    from accelerate.state import AcceleratorState
-
-    try:
-        return _train(config)
-    finally:
-        # accelerate keeps its state in a process-wide singleton; reset it so that the next run in
-        # this process (quickstart, notebooks, tests) may choose another precision or device
-        AcceleratorState._reset_state(reset_partial_state=True)
+    return run_resetting_accelerate(_train, config)
 
 
 def _train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from diffusers import DDIMScheduler
-    from diffusers.training_utils import EMAModel
 
     from diffpo.data.cache import CachedPairs, build_cache
     from diffpo.data.pairs import build_pairs, collate_pairs
@@ -103,35 +94,24 @@ def _train(config: TrainConfig) -> Path:
     unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)
     if config.finetune == "lora":
         register_lora_checkpointing(accelerator, unet)
-    ema = None
-    if config.ema.enabled:
-        ema = EMAModel(params, decay=config.ema.decay)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    ema = make_ema(config, params, accelerator)
     policy = unet_denoiser(unet)
-    sampling_policy = unet_denoiser(accelerator.unwrap_model(unet))  # no-grad uses (SmPO's inversion)
-    inversion_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)  # the DDIM alphas, final alpha included
-    if method.prepare == "inversion" and stack.prediction_type != "epsilon":
-        raise ConfigError(f"method={config.method} trains against an inversion noise target: it needs an epsilon-prediction model")
-    if method.prepare == "inversion" and config.cache.enabled:
-        raise ConfigError(f"method={config.method} reads reward scores with every pair: set cache.enabled=false")
-    if method.prepare == "inversion" and config.data.score_columns is None:
-        raise ConfigError(f"method={config.method} needs reward scores per image: set data.score_columns "
-                          "(e.g. [pickscore_0, pickscore_1] from `diffpo score --pairs`)")
+    if method.prepare == "inversion":  # SmPO: the current policy inverts x_0 (no grad) along DDIM alphas
+        if stack.prediction_type != "epsilon":
+            raise ConfigError(f"method={config.method} trains against an inversion noise target: it needs an epsilon-prediction model")
+        if config.cache.enabled:
+            raise ConfigError(f"method={config.method} reads reward scores with every pair: set cache.enabled=false")
+        if config.data.score_columns is None:
+            raise ConfigError(f"method={config.method} needs reward scores per image: set data.score_columns "
+                              "(e.g. [pickscore_0, pickscore_1] from `diffpo score --pairs`)")
+        inverting_policy = unet_denoiser(accelerator.unwrap_model(unet))
+        inversion_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)
     if accelerator.is_main_process:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 
     # ---- resume -------------------------------------------------------------------------------
-    global_step = micro_step = 0
-    checkpoint = resolve_resume(run_dir, config.resume_from)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        global_step, micro_step = state["global_step"], state["micro_step"]
-        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
-    elif accelerator.is_main_process:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    log = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+    state, log = resume(accelerator, run_dir, config.resume_from, {"global_step": 0, "micro_step": 0})
+    global_step, micro_step = state["global_step"], state["micro_step"]
 
     # ---- one micro-step -----------------------------------------------------------------------
     def micro_batch_loss(batch: dict, generator: torch.Generator):
@@ -156,7 +136,7 @@ def _train(config: TrainConfig) -> Path:
                                      torch.cat([batch["crop_w"], batch["crop_l"]]), resolution)
         conditioning = stack.family.unet_conditioning(text, time_ids)
         if method.prepare == "inversion":  # SmPO: x_t from inverting x_0 with the current policy, target tau
-            noisy = invert_to_timesteps(sampling_policy, inversion_scheduler, noised.latents, conditioning,
+            noisy = invert_to_timesteps(inverting_policy, inversion_scheduler, noised.latents, conditioning,
                                         noised.timesteps, config.objective.inversion_steps)
             alphas = stack.noise_scheduler.alphas_cumprod[noised.timesteps.cpu()]
             target = inversion_target(noisy, noised.latents, alphas).to(noised.latents.dtype)

@@ -30,17 +30,17 @@ from diffpo.config import ConfigError, TrainConfig
 from diffpo.dtypes import MIXED_PRECISION_DTYPES
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.trainers.common import (
-    STATE_FILE,
     EpochSampler,
-    MetricsLog,
     build_optimization,
     check_finite,
     export_final,
     load_policy,
     make_accelerator,
+    make_ema,
     prepare_run_dir,
     reference_dtype,
-    resolve_resume,
+    resume,
+    run_resetting_accelerate,
     save_checkpoint,
     step_generator,
 )
@@ -50,12 +50,7 @@ ROUND_SEED_OFFSET = 7_777_777  # round sampling draws from its own stream, apart
 
 def train(config: TrainConfig) -> Path:
     """Run the online loop for ``config``; returns the run directory."""
-    from accelerate.state import AcceleratorState
-
-    try:
-        return _train(config)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # see offline_pairs.train
+    return run_resetting_accelerate(_train, config)
 
 
 @dataclass
@@ -78,7 +73,6 @@ class Round:
 def _train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from diffusers import DDIMScheduler
-    from diffusers.training_utils import EMAModel
 
     from diffpo.data import rounds as round_files
     from diffpo.data.pairs import build_pairs, collate_pairs
@@ -146,26 +140,15 @@ def _train(config: TrainConfig) -> Path:
         unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     if config.finetune == "lora":
         register_lora_checkpointing(accelerator, unet)
-    ema = None
-    if config.ema.enabled:
-        ema = EMAModel(params, decay=config.ema.decay)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    ema = make_ema(config, params, accelerator)
     raw_unet = accelerator.unwrap_model(unet)
     policy, sampling_policy = unet_denoiser(unet), unet_denoiser(raw_unet)
     if accelerator.is_main_process:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 
     # ---- resume -------------------------------------------------------------------------------
-    state = {"global_step": 0, "micro_step": 0, "round": 0, "round_step": 0}
-    checkpoint = resolve_resume(run_dir, config.resume_from)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state.update(json.loads((checkpoint / STATE_FILE).read_text()))
-        accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
-    elif accelerator.is_main_process:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    log = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+    state, log = resume(accelerator, run_dir, config.resume_from,
+                        {"global_step": 0, "micro_step": 0, "round": 0, "round_step": 0})
     pool = load_pool(run_dir / "pool", online.pool_strategy, state["global_step"]) if not is_d3po else None
 
     def conditioning(text: TextEmbeddings) -> dict:
