@@ -122,18 +122,21 @@ class ObjectiveConfig:
     score_low: float = 0.11543526500463486  # SmPO: min-max normalisation of data.score_columns (official PickScore)
     score_high: float = 0.28201571106910706
     inversion_steps: int = 5  # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10)
+    margin: float = 0.001  # Diffusion-DRO: the hinge margin m
 
     def __post_init__(self):
         if self.beta <= 0:
             raise ConfigError(f"objective.beta={self.beta} must be > 0")
         if not 0.0 < self.clip_range < 1.0:
             raise ConfigError(f"objective.clip_range={self.clip_range} must lie in (0, 1)")
+        if self.margin < 0:
+            raise ConfigError(f"objective.margin={self.margin} must be >= 0")
 
 
 @dataclass
 class OnlineConfig:
-    """Sampling while training (D3PO, SePPO): prompts, the DDIM sampler, where preferences come
-    from, and SePPO's checkpoint pool."""
+    """Sampling while training (D3PO, SePPO, Diffusion-DRO): prompts, the sampler, where preferences
+    come from, SePPO's checkpoint pool and Diffusion-DRO's replay buffer and lagged copy."""
 
     prompts: str = "shapes"  # D3PO prompts: shapes, partiprompts, a .txt/.tsv/.csv/.jsonl file or a datasets id
     prompt_column: str | None = None  # None: Prompt (tsv/csv), prompt (jsonl), caption (hub)
@@ -154,13 +157,21 @@ class OnlineConfig:
     pool_every: int = 10  # SePPO: add the policy to the reference pool every K optimizer steps
     pool_strategy: Literal["uniform", "first", "latest"] = "uniform"
     save_images: bool = True  # write every round's samples to RUN_DIR/rounds/ (always on for human labels)
+    replay_size: int = 4  # DRO: trajectories the replay buffer keeps (per process)
+    replay_batch_size: int | None = None  # DRO: trajectories the lagged copy adds per refill (None: train_batch_size)
+    replay_every: int = 1  # DRO: micro-steps between refills
+    lagged_sync_every: int = 1  # DRO: optimizer steps between copies of the policy into the lagged sampler
+    jitter_timesteps: bool = True  # DRO: each trajectory's solver grid shifted by its own offset
 
     def __post_init__(self):
-        for name in ("prompts_per_round", "inner_epochs", "num_inference_steps", "pool_every"):
+        for name in ("prompts_per_round", "inner_epochs", "num_inference_steps", "pool_every", "replay_size",
+                     "replay_every", "lagged_sync_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"online.{name}={getattr(self, name)} must be >= 1")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"online.samples_per_prompt={self.samples_per_prompt} must be >= 2 to form pairs")
+        if self.replay_batch_size is not None and self.replay_batch_size < 1:
+            raise ConfigError(f"online.replay_batch_size={self.replay_batch_size} must be >= 1 (or null)")
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise ConfigError(f"online.timestep_fraction={self.timestep_fraction} must lie in (0, 1]")
         if not 0.0 <= self.eta <= 1.0:

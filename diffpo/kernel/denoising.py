@@ -117,11 +117,24 @@ def pair_errors(
 ) -> PairErrors:
     """Errors of the policy (with grad) and the reference (no grad) from one forward each on the
     concatenated (2B, ...) batch; ``reference=None`` skips it (reference-free objectives, SFT)."""
-    prediction = policy(noised.noisy, noised.timesteps, conditioning)
+    return batch_errors(policy, reference, noised.noisy, noised.timesteps, conditioning, target)
+
+
+def batch_errors(
+    policy: Denoiser,
+    reference: Denoiser | None,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    conditioning: dict,
+    target: torch.Tensor,
+) -> PairErrors:
+    """``pair_errors`` on any concatenated [first half, second half] batch of noisy latents and
+    targets (Diffusion-DRO: noised experts, then stored online samples against their own targets)."""
+    prediction = policy(noisy, timesteps, conditioning)
     policy_w, policy_l = per_sample_error(prediction, target).chunk(2)
     ref_w = ref_l = None
     if reference is not None:
         with torch.no_grad():
-            ref_prediction = reference(noised.noisy, noised.timesteps, conditioning)
+            ref_prediction = reference(noisy, timesteps, conditioning)
         ref_w, ref_l = per_sample_error(ref_prediction, target).chunk(2)
     return PairErrors(policy_w=policy_w, policy_l=policy_l, ref_w=ref_w, ref_l=ref_l)

@@ -180,3 +180,66 @@ def implied_logprob_ratio(eps_policy: torch.Tensor, eps_reference: torch.Tensor,
     target = implied_target(coef, sample, prev_sample)
     scale = (coef.c2**2 / (2 * coef.sigma**2)).reshape(-1).to(sample.device)
     return -scale * (per_sample_error(eps_policy, target) - per_sample_error(eps_reference, target))
+
+
+@dataclass
+class SolverTrajectory:
+    """A DPM-Solver++ trajectory, per step: the latent the model saw (T, B, ...), its raw output
+    there (T, B, ...; guided when guidance is on) and the timestep (T, B); plus the final x_0."""
+
+    latents: torch.Tensor
+    predictions: torch.Tensor
+    timesteps: torch.Tensor
+    final: torch.Tensor
+
+
+def solver_timesteps(num_train_timesteps: int, num_steps: int, batch: int, jitter: bool = True,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample timestep grids (T, B): ``num_steps`` evenly spaced steps from high to low noise;
+    ``jitter`` shifts each sample's grid by its own offset in [0, stride) (Diffusion-DRO), so the
+    stored online samples cover every training timestep, not only the grid's."""
+    stride = num_train_timesteps // num_steps
+    grid = (torch.arange(num_steps) * stride).flip(0)
+    offset = torch.randint(0, stride, (1, batch), generator=generator) if jitter else torch.zeros(1, batch, dtype=torch.long)
+    return grid[:, None] + offset
+
+
+@torch.no_grad()
+def sample_dpm_solver(denoise: Denoiser, scheduler, latents: torch.Tensor, cond: dict, timesteps: torch.Tensor,
+                      uncond: dict | None = None, guidance: float = 1.0, prediction_type: str = "epsilon") -> SolverTrajectory:
+    """Sample with DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, in diffusers' midpoint form) on per-sample
+    grids ``timesteps`` (T, B), recording what the model saw and predicted at every step.
+
+    With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda = log(alpha/sigma), h = lambda_t - lambda_s:
+    x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D, with D = x0_s at the first step and
+    D = x0_s + (x0_s - x0_prev) / (2 r), r = h_prev / h, after it; the last step goes to sigma = 0 at
+    first order, which returns its x0 prediction (as diffusers' ``final_sigmas_type="zero"``)."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported: use 'epsilon' or 'v_prediction'")
+    alphas = scheduler.alphas_cumprod.to(torch.float64)
+    shape = (-1,) + (1,) * (latents.ndim - 1)
+
+    def scales(t: torch.Tensor):
+        a = alphas[t.cpu()].view(shape)
+        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+        return alpha.to(latents.device), sigma.to(latents.device), (alpha.log() - sigma.log()).to(latents.device)
+
+    sample, seen, predicted = latents, [], []
+    previous_x0 = previous_lambda = None
+    for i in range(timesteps.shape[0]):
+        alpha_s, sigma_s, lambda_s = scales(timesteps[i])
+        output = guided(denoise, sample, timesteps[i].to(sample.device), cond, uncond, guidance)
+        seen.append(sample)
+        predicted.append(output)
+        x = sample.double()
+        x0 = (x - sigma_s * output.double()) / alpha_s if prediction_type == "epsilon" else alpha_s * x - sigma_s * output.double()
+        if i == timesteps.shape[0] - 1:
+            new = x0
+        else:
+            alpha_t, sigma_t, lambda_t = scales(timesteps[i + 1])
+            h = lambda_t - lambda_s
+            direction = x0 if previous_x0 is None else x0 + (x0 - previous_x0) / (2 * (lambda_s - previous_lambda) / h)
+            new = (sigma_t / sigma_s) * x - alpha_t * torch.expm1(-h) * direction
+        previous_x0, previous_lambda = x0, lambda_s
+        sample = new.to(latents.dtype)
+    return SolverTrajectory(torch.stack(seen), torch.stack(predicted), timesteps, sample)

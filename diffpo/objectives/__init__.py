@@ -13,6 +13,7 @@ import torch
 
 from diffpo.objectives.d3po import d3po_step_loss
 from diffpo.objectives.dpo import diffusion_dpo_loss, sft_loss
+from diffpo.objectives.dro import dro_loss
 from diffpo.objectives.seppo import aaf_loss
 from diffpo.objectives.smpo import smpo_loss, soft_labels
 
@@ -53,6 +54,8 @@ METHODS: dict[str, Method] = {
                                                    "without Any Reward Model (D3PO), CVPR 2024"),
     "seppo": Method("online", True, aaf_loss, "Zhang et al., SePPO: Semi-Policy Preference Optimization for "
                                               "Diffusion Alignment, 2024"),
+    "dro": Method("online", True, dro_loss, "Wu et al., Ranking-based Preference Optimization for Diffusion Models "
+                                            "from Implicit User Feedback (Diffusion-DRO), NeurIPS 2025"),
 }
 
-__all__ = ["METHODS", "Method", "aaf_loss", "d3po_step_loss", "diffusion_dpo_loss", "sft_loss"]
+__all__ = ["METHODS", "Method", "aaf_loss", "d3po_step_loss", "diffusion_dpo_loss", "dro_loss", "sft_loss"]

@@ -94,8 +94,14 @@ def resolve_resume(run_dir: Path, resume_from: str | None) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then an atomic rename; keep the last ``keep``."""
+def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None,
+                    extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """``accelerator.save_state`` into a temporary folder, then an atomic rename; keep the last ``keep``.
+
+    ``extras`` maps file names to tensors a loop keeps outside accelerate (a replay buffer), written
+    by every process as ``NAME.safetensors`` (so names carry the process index where they differ)."""
+    from safetensors.torch import save_file
+
     root = run_dir / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{state['global_step']}"
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state['global_step']}"
@@ -104,6 +110,9 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None) -
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    for name, tensors in (extras or {}).items():
+        save_file(tensors, str(tmp / f"{name}.safetensors"))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
@@ -244,6 +253,16 @@ def make_ema(config, params, accelerator):
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     return ema
+
+
+def checkpoint_extra(run_dir: Path, resume_from: str | None, name: str) -> dict[str, torch.Tensor] | None:
+    """The tensors ``save_checkpoint`` stored as ``extras[name]`` in the checkpoint ``resume_from``
+    names; None for a fresh run or a checkpoint without that file."""
+    from safetensors.torch import load_file
+
+    checkpoint = resolve_resume(run_dir, resume_from)
+    path = None if checkpoint is None else checkpoint / f"{name}.safetensors"
+    return load_file(str(path)) if path is not None and path.is_file() else None
 
 
 def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict) -> tuple[dict, MetricsLog]:

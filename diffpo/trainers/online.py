@@ -11,6 +11,11 @@ set up, (resume), train, export.
   past checkpoints (entry 0: the base model) samples an image for each caption; the policy and
   that reference are compared on winner and sample at shared noise and timestep with the
   anchor-based flip. The policy joins the pool every ``pool_every`` optimizer steps.
+* **Diffusion-DRO** (Wu et al., NeurIPS 2025): batches of expert images. A lagged copy of the
+  policy (synced every ``lagged_sync_every`` optimizer steps) samples DPM-Solver++ trajectories for
+  the experts' captions into a replay buffer of the last ``replay_size`` trajectories; a micro-step
+  draws (x_t, t, the lagged prediction) from it, noises the caption's expert afresh at the same t,
+  and applies the hinge ranking loss against the frozen base.
 
 Each optimizer step is ``gradient_accumulation_steps`` micro-steps; every micro-step draws all its
 randomness from its own generator, so a resumed run continues exactly.
@@ -33,6 +38,7 @@ from diffpo.trainers.common import (
     EpochSampler,
     build_optimization,
     check_finite,
+    checkpoint_extra,
     export_final,
     load_policy,
     make_accelerator,
@@ -79,16 +85,25 @@ def _train(config: TrainConfig) -> Path:
     from diffpo.data.preferences import reward_preferences
     from diffpo.eval.config import PromptSetConfig
     from diffpo.eval.prompts import load_prompts
-    from diffpo.kernel.denoising import noise_pairs, pair_errors, pair_noise, prediction_target
-    from diffpo.kernel.trajectory import rescore_transitions, sample_trajectory
+    from diffpo.data.replay import ReplayBuffer
+    from diffpo.kernel.denoising import batch_errors, noise_pairs, pair_errors, pair_noise, prediction_target
+    from diffpo.kernel.trajectory import rescore_transitions, sample_dpm_solver, sample_trajectory, solver_timesteps
     from diffpo.models.loading import unet_denoiser
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.pool import load_pool, save_pool_entry
-    from diffpo.models.reference import FullSnapshotReference, LoraSnapshotReference, policy_snapshot
+    from diffpo.models.reference import (
+        REFERENCE_ADAPTER,
+        AdaptersDisabledReference,
+        FrozenCopyReference,
+        FullSnapshotReference,
+        LoraSnapshotReference,
+        policy_snapshot,
+    )
     from diffpo.objectives.d3po import d3po_step_loss
+    from diffpo.objectives.dro import dro_loss
     from diffpo.objectives.seppo import aaf_loss
 
-    online, is_d3po = config.online, config.method == "d3po"
+    online, is_d3po, is_dro = config.online, config.method == "d3po", config.method == "dro"
     human = is_d3po and online.preference == "human"
     if is_d3po and online.eta <= 0:
         raise ConfigError("method=d3po needs online.eta > 0: a deterministic DDIM step has no log-probability")
@@ -104,10 +119,17 @@ def _train(config: TrainConfig) -> Path:
     set_seed(config.seed)
     weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
-    # the reference is a past state of the policy (D3PO: base or previous round; SePPO: a pool draw)
-    reference = (LoraSnapshotReference(unet) if config.finetune == "lora" else
-                 FullSnapshotReference(stack.load_unet(), accelerator.device, reference_dtype(config, weight_dtype),
-                                       config.reference.offload))
+    # the reference is a past state of the policy (D3PO: base or previous round; SePPO: a pool draw);
+    # Diffusion-DRO compares against the base and samples with a lagged past state
+    ref_dtype = reference_dtype(config, weight_dtype)
+    lora = config.finetune == "lora"
+    snapshot_reference = (LoraSnapshotReference(unet) if lora else
+                          FullSnapshotReference(stack.load_unet(), accelerator.device, ref_dtype, config.reference.offload))
+    reference, lagged = snapshot_reference, None
+    if is_dro:
+        lagged = snapshot_reference
+        reference = (AdaptersDisabledReference(unet) if lora else
+                     FrozenCopyReference(stack.load_unet(), accelerator.device, ref_dtype, config.reference.offload))
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -128,10 +150,13 @@ def _train(config: TrainConfig) -> Path:
     else:
         winners = build_pairs(config.data, config.data.resolution or resolution, config.seed, winners_only=True)
         sampler = EpochSampler(len(winners), config.seed)
-        loader = torch.utils.data.DataLoader(winners, batch_size=config.train_batch_size, sampler=sampler,
+        # DRO: a loader batch is one refill of the replay buffer
+        batch_size = (online.replay_batch_size or config.train_batch_size) if is_dro else config.train_batch_size
+        loader = torch.utils.data.DataLoader(winners, batch_size=batch_size, sampler=sampler,
                                              collate_fn=collate_pairs, num_workers=config.data.num_workers, drop_last=True)
         if len(loader) == 0:
-            raise ValueError(f"{len(winners)} images do not fill one batch of train_batch_size={config.train_batch_size}")
+            raise ValueError(f"{len(winners)} images do not fill one batch of {batch_size}: use more images or a "
+                             "smaller train_batch_size (DRO: online.replay_batch_size)")
 
     optimizer, lr_schedule, lr = build_optimization(config, params, accelerator)
     if loader is not None:
@@ -148,8 +173,14 @@ def _train(config: TrainConfig) -> Path:
 
     # ---- resume -------------------------------------------------------------------------------
     state, log = resume(accelerator, run_dir, config.resume_from,
-                        {"global_step": 0, "micro_step": 0, "round": 0, "round_step": 0})
-    pool = load_pool(run_dir / "pool", online.pool_strategy, state["global_step"]) if not is_d3po else None
+                        {"global_step": 0, "micro_step": 0, "round": 0, "round_step": 0, "expert_batches": 0})
+    pool = load_pool(run_dir / "pool", online.pool_strategy, state["global_step"]) if config.method == "seppo" else None
+    replay = replay_name = None
+    if is_dro:  # the buffer and the lagged copy as the checkpoint left them (the copy: the policy itself when in sync)
+        replay, replay_name = ReplayBuffer(online.replay_size), f"replay_buffer-p{accelerator.process_index}"
+        replay.load_state_dict(checkpoint_extra(run_dir, config.resume_from, replay_name) or {})
+        stored_lagged = checkpoint_extra(run_dir, config.resume_from, "lagged_policy")
+        lagged.load(stored_lagged or policy_snapshot(raw_unet, config.finetune), snapshot_id=("lagged", state["global_step"]))
 
     def conditioning(text: TextEmbeddings) -> dict:
         n = text.hidden.shape[0]
@@ -316,18 +347,75 @@ def _train(config: TrainConfig) -> Path:
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
                 "pool_index": float(drawn), "pool_size": float(len(pool))}
 
-    def seppo_batches():
-        """Batches of preferred images, epoch after epoch, from the micro-step the run is at."""
+    def expert_batches():
+        """Batches of preferred images (SePPO) or experts (DRO), epoch after epoch, from the batch the run is at."""
         while True:
-            epoch, skip = divmod(state["micro_step"], len(loader))
+            epoch, skip = divmod(state["expert_batches"], len(loader))
             sampler.start_epoch(epoch)
             winners.start_epoch(epoch)
-            yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+                state["expert_batches"] += 1
+                yield batch
+
+    # ---- Diffusion-DRO micro-steps -----------------------------------------------------------------
+    def refill_replay(batch: dict, generator: torch.Generator) -> None:
+        """The lagged copy samples one DPM-Solver++ trajectory per expert caption (prompts dropped
+        with data.prompt_dropout, for both branches) into the buffer, with the expert latents."""
+        mean, std = stack.encode_images(batch["pixels_w"])
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        experts = stack.latents_from_distribution(mean, std, eps).to(weight_dtype)
+        n = experts.shape[0]
+        drop = torch.rand(n, generator=generator) < config.data.prompt_dropout
+        text = stack.encode_prompts(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
+        x_T = torch.randn(experts.shape, generator=generator).to(accelerator.device, weight_dtype)
+        grid = solver_timesteps(stack.noise_scheduler.config.num_train_timesteps, online.num_inference_steps, n,
+                                online.jitter_timesteps, generator)
+        with torch.no_grad(), accelerator.autocast():
+            trajectory = sample_dpm_solver(lagged, stack.noise_scheduler, x_T, conditioning(text), grid, unconditional(n),
+                                           online.guidance_scale, stack.prediction_type)
+        replay.add(timesteps=grid.T, latents=trajectory.latents.transpose(0, 1), predictions=trajectory.predictions.transpose(0, 1),
+                   expert=experts, hidden=text.hidden, pooled=text.pooled)
+
+    def dro_micro_step(generator: torch.Generator, scale: float, sync: bool) -> dict:
+        """Hinge ranking loss on ``train_batch_size`` draws from the buffer: each an online negative
+        (x_t, t, target = the lagged prediction) and its caption's expert noised afresh at that t."""
+        if len(replay) == 0 or state["micro_step"] % online.replay_every == 0:
+            refill_replay(next(batches), generator)
+        drawn = {k: v.to(accelerator.device) for k, v in replay.sample(config.train_batch_size, generator).items()}
+        experts, t = drawn["expert"].to(weight_dtype), drawn["timesteps"]
+        noise = torch.randn(experts.shape, generator=generator).to(experts.device, experts.dtype)
+        noisy = torch.cat([stack.noise_scheduler.add_noise(experts, noise, t), drawn["latents"].to(weight_dtype)])
+        target = torch.cat([prediction_target(stack.prediction_type, stack.noise_scheduler, experts, noise, t).float(),
+                            drawn["predictions"].float()])
+        text = TextEmbeddings(drawn["hidden"], drawn.get("pooled"))
+        errors = batch_errors(policy, reference, noisy, torch.cat([t, t]), conditioning(text.repeat_pairs()), target)
+        loss, metrics = dro_loss(errors.policy_w, errors.ref_w, errors.policy_l, errors.ref_l, config.objective.margin)
+        loss = loss.mean()
+        backward(loss * scale, sync)
+        return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}, "replay_size": float(len(replay))}
+
+    def checkpoint_extras() -> dict | None:
+        """DRO: the replay buffer, and the lagged copy unless it equals the policy (in sync this step)."""
+        if not is_dro:
+            return None
+        extras = {replay_name: replay.state_dict()}
+        if state["global_step"] % online.lagged_sync_every and accelerator.is_main_process:
+            extras["lagged_policy"] = lagged_state()
+        return extras
+
+    def lagged_state() -> dict:
+        if lora:
+            from peft.utils import get_peft_model_state_dict
+
+            state_dict = get_peft_model_state_dict(raw_unet, adapter_name=REFERENCE_ADAPTER)
+        else:
+            state_dict = lagged.unet.state_dict()
+        return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
 
     # ---- train --------------------------------------------------------------------------------
     progress = tqdm(total=config.max_steps, initial=state["global_step"], desc=f"train {config.method}",
                     disable=not (accelerator.is_main_process and config.progress_bar))
-    current, batches, empty_rounds = None, (seppo_batches() if not is_d3po else None), 0
+    current, batches, empty_rounds = None, (expert_batches() if not is_d3po else None), 0
     window: dict[str, float] = {}
     window_count = 0
     while state["global_step"] < config.max_steps:
@@ -360,6 +448,9 @@ def _train(config: TrainConfig) -> Path:
             if is_d3po:
                 metrics = d3po_micro_step(current, state["round_step"] * accumulation + micro, generator, 1 / accumulation, sync)
                 captions = current.prompts
+            elif is_dro:
+                metrics = dro_micro_step(generator, 1 / accumulation, sync)
+                captions = []
             else:
                 batch = next(batches)
                 metrics = seppo_micro_step(batch, generator, 1 / accumulation, sync)
@@ -379,7 +470,9 @@ def _train(config: TrainConfig) -> Path:
         step = state["global_step"]
         if ema is not None:
             ema.step(params)
-        if not is_d3po and step % online.pool_every == 0:  # SePPO: the policy joins the pool
+        if is_dro and step % online.lagged_sync_every == 0:  # DRO: the lagged sampler catches up
+            lagged.load(policy_snapshot(raw_unet, config.finetune), snapshot_id=("lagged", step))
+        if pool is not None and step % online.pool_every == 0:  # SePPO: the policy joins the pool
             snapshot = policy_snapshot(raw_unet, config.finetune)
             pool.add(snapshot)
             if accelerator.is_main_process:
@@ -397,13 +490,14 @@ def _train(config: TrainConfig) -> Path:
             if is_d3po:  # the round being trained: its rewards, ties, labels
                 values.update(current.stats, round=float(state["round"]))
             record = log.write(step, values)
-            shown = {"acc": record["implicit_acc"]} if is_d3po else {"flip": record["flip_rate"]}
+            shown = ({"acc": record["implicit_acc"]} if is_d3po else {"active": record["active"]} if is_dro
+                     else {"flip": record["flip_rate"]})
             progress.set_postfix(loss=f"{record['loss']:.4f}", **{k: f"{v:.2f}" for k, v in shown.items()})
             window, window_count = {}, 0
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
-            save_checkpoint(accelerator, run_dir, dict(state), config.checkpoints_total_limit)
+            save_checkpoint(accelerator, run_dir, dict(state), config.checkpoints_total_limit, checkpoint_extras())
     progress.close()
-    save_checkpoint(accelerator, run_dir, dict(state), config.checkpoints_total_limit)
+    save_checkpoint(accelerator, run_dir, dict(state), config.checkpoints_total_limit, checkpoint_extras())
 
     # ---- export -------------------------------------------------------------------------------
     export_final(accelerator, unet, stack, config, run_dir, state["global_step"], ema, params)
