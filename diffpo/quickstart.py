@@ -34,9 +34,10 @@ class QuickstartConfig:
     reward: str = "colour-match"  # the reward that labels the pairs: a name in diffpo.rewards.REWARDS
     check_rewards: list[str] = field(default_factory=lambda: ["colour-match"])  # also reported, to catch reward hacking
     num_prompts: int = 90  # shape captions used for the pairs (90 = all of them)
-    samples_per_prompt: int = 4  # candidates per prompt, sharing x_T
+    samples_per_prompt: int = 4  # candidates per prompt
+    share_initial_noise: bool = True  # a prompt's candidates share x_T (pairs); false: each its own (winners-only methods)
     pairing: Literal["all", "best_worst"] = "all"  # every pair of candidates, or only best vs worst
-    winners: Literal["samples", "renders"] = "samples"  # winners-only methods (SePPO): the pairs' winners, or clean renders of the captions
+    winners: Literal["samples", "renders"] = "samples"  # winners-only methods (SePPO, DRO): the pairs' winners, or clean renders of the captions
     min_margin: float = 0.0  # pairs whose rewards differ by no more than this are ties (dropped)
     sample_steps: int = 20
     sample_eta: float = 1.0
@@ -48,6 +49,9 @@ class QuickstartConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        if self.share_initial_noise and self.sample_eta == 0:
+            raise ConfigError("sample_eta=0 with share_initial_noise=true gives identical candidates: raise "
+                              "sample_eta or set share_initial_noise=false")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"samples_per_prompt={self.samples_per_prompt} must be >= 2 to form pairs")
         from diffpo.rewards import REWARDS
@@ -57,11 +61,12 @@ class QuickstartConfig:
                 raise ConfigError(f"reward {name!r} is unknown; available: {', '.join(sorted(REWARDS))}")
 
 
-QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo.yaml"}
+QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo.yaml", "dro": "quickstart_dro.yaml"}
+WINNERS_ONLY = ("seppo", "dro")  # methods that train on preferred images alone (SePPO winners, DRO experts)
 
 
 def default_config_path(method: str | None = None) -> Path:
-    """The shipped quickstart YAML of ``method`` (D3PO and SePPO have their own tuned presets)."""
+    """The shipped quickstart YAML of ``method`` (the online methods have their own tuned presets)."""
     from diffpo.models.loading import assets_dir
 
     return assets_dir().parent / "configs" / QUICKSTART_PRESETS.get(method, "quickstart.yaml")
@@ -90,7 +95,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     # 1-2. offline data (not for D3PO, which samples its own rounds while it trains): candidates
     # sharing x_T per prompt, diverging through eta noise, paired and labelled by the reward
     data, sampled = {}, {}
-    if config.method == "seppo" and config.winners == "renders":
+    if config.method in WINNERS_ONLY and config.winners == "renders":
         parquet, sampled = _render_winners(config, stack.native_resolution)
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet))}
     elif config.method != "d3po":
@@ -98,7 +103,9 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet))}
 
     # 3. train
-    online = dataclasses.replace(config.train.online, eta=config.sample_eta, guidance_scale=config.guidance_scale)
+    online = config.train.online
+    if config.method != "dro":  # DRO's lagged copy samples with its own solver and (no) guidance
+        online = dataclasses.replace(online, eta=config.sample_eta, guidance_scale=config.guidance_scale)
     if config.method == "d3po":  # its rounds are the quickstart's candidates
         online = dataclasses.replace(online, prompts="shapes", rewards=[config.reward], min_margin=config.min_margin,
                                      samples_per_prompt=config.samples_per_prompt, num_inference_steps=config.sample_steps)
@@ -157,8 +164,9 @@ def _render_winners(config: QuickstartConfig, resolution: int) -> tuple[Path, di
 
 
 def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward) -> tuple[Path, dict]:
-    """Candidates for every shape caption sharing x_T, paired (all pairs or best vs worst) and
-    labelled by ``reward``, written as a Pick-a-Pic-format parquet (image_0 the higher-scored)."""
+    """Candidates for every shape caption (sharing x_T unless ``share_initial_noise`` is off), paired
+    (all pairs or best vs worst) and labelled by ``reward``, written as a Pick-a-Pic-format parquet
+    (image_0 the higher-scored)."""
     from diffpo.data.shapes import shape_captions
     from diffpo.data.writer import write_pairs_parquet
     from diffpo.eval.generate import generate, initial_latents, to_pil
@@ -166,7 +174,10 @@ def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward) -> tuple
     captions = shape_captions(config.num_prompts, seed=config.seed)
     k = config.samples_per_prompt
     prompts = [c for c in captions for _ in range(k)]
-    x_T = initial_latents([config.seed * 100_000 + i for i in range(len(captions))], shape).repeat_interleave(k, 0)
+    if config.share_initial_noise:  # the candidates of a caption diverge only through the eta noise
+        x_T = initial_latents([config.seed * 100_000 + i for i in range(len(captions))], shape).repeat_interleave(k, 0)
+    else:
+        x_T = initial_latents([config.seed * 100_000 + 70_000 + i for i in range(len(prompts))], shape)
     eta_seeds = [config.seed * 100_000 + 50_000 + i for i in range(len(prompts))]
     images = generate(pipe, prompts, eta_seeds, config.sample_steps, config.guidance_scale, eta=config.sample_eta,
                       batch_size=config.batch_size, latents=x_T, progress=True, desc="sample pairs")
