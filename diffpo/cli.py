@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     top_k.add_argument("--device", default="cpu", help="device of learned heads (default cpu)")
     top_k.add_argument("--no-progress", action="store_true", help="no progress bar")
     top_k.set_defaults(func=_data_top_k)
+
+    from diffpo.prompt.cli import add_prompt_commands
+
+    add_prompt_commands(commands)
     return parser
 
 
