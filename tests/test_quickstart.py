@@ -45,7 +45,7 @@ def test_quickstart_writes_what_it_did(quickstart_run):
     assert (pairs.reward_0 >= pairs.reward_1).all()
 
 
-@pytest.mark.parametrize("method", ["d3po", "seppo"])
+@pytest.mark.parametrize("method", ["d3po", "seppo", "dro"])
 def test_online_quickstart_presets_run_end_to_end(tmp_path, method):
     """The method's preset (configs/quickstart_<method>.yaml) is picked by `method=`; shortened here
     to a few steps, it trains, evaluates and writes its report (the full runs are the slow tests)."""
@@ -59,13 +59,17 @@ def test_online_quickstart_presets_run_end_to_end(tmp_path, method):
     assert summary["method"] == method and summary["train_steps"] == 2
     saved = (out / "train" / "config.yaml").read_text()
     assert f"method: {method}" in saved
-    assert "beta: 0.1" in saved if method == "d3po" else "pool_every: 10" in saved  # the preset, not the DPO default
+    preset = {"d3po": "beta: 0.1", "seppo": "pool_every: 10", "dro": "margin: 0.01"}[method]
+    assert preset in saved  # the preset, not the DPO default
     assert (out / "report" / "index.html").is_file() and (out / "train" / "final" / "diffpo.json").is_file()
     if method == "d3po":
         assert (out / "train" / "rounds" / "round-0000" / "round.json").is_file() and not (out / "pairs.parquet").exists()
-    else:
+    elif method == "seppo":
         assert (out / "winners.parquet").is_file()  # the preset's clean renders: an image+caption table
         assert not (out / "train" / "pool" / "pool.json").exists()  # 2 steps < pool_every: only the base
+    else:  # DRO's experts: the best of each caption's samples, the replay buffer in the checkpoint
+        assert (out / "pairs.parquet").is_file() and summary["pairs"] == 4
+        assert (out / "train" / "checkpoints" / "step-2" / "replay_buffer-p0.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -78,3 +82,15 @@ def test_d3po_quickstart_moves_the_reward_with_a_high_win_rate(tmp_path):
     summary = json.loads((out / "quickstart.json").read_text())
     assert summary["reward_after"]["mean"] > summary["reward_before"]["mean"]
     assert summary["win_rate"]["ci95"][0] > 0.55  # measured: 0.681 [0.614, 0.742]
+
+
+@pytest.mark.slow
+def test_dro_quickstart_moves_the_reward_with_a_high_win_rate(tmp_path):
+    """The shipped Diffusion-DRO preset, full length (about 4 minutes on 2 CPU cores)."""
+    out = tmp_path / "dro"
+    result = subprocess.run([sys.executable, "-m", "diffpo", "quickstart", "method=dro", f"output_dir={out}"],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["reward_after"]["mean"] > summary["reward_before"]["mean"]
+    assert summary["win_rate"]["ci95"][0] > 0.55  # measured: 0.728 [0.661, 0.789]

@@ -131,9 +131,20 @@ def score_renders(images: torch.Tensor, texts: list[str], originals: list[str], 
 
 def render(pipeline, texts: list[str], seeds: list[int], steps: int, guidance_scale: float,
            batch_size: int) -> torch.Tensor:
+    """Images of ``texts`` on ``seeds``. Rewrites longer than the text encoder's window are cut
+    by the pipeline as usual; its per-batch truncation warning is silenced here (rewrites are
+    long by design, and it would print every cut text)."""
+    import logging
+
     from diffpo.eval.generate import generate
 
-    return generate(pipeline, texts, seeds, steps, guidance_scale, batch_size=batch_size)
+    pipeline_logger = logging.getLogger("diffusers.pipelines")
+    level = pipeline_logger.level
+    pipeline_logger.setLevel(logging.ERROR)
+    try:
+        return generate(pipeline, texts, seeds, steps, guidance_scale, batch_size=batch_size)
+    finally:
+        pipeline_logger.setLevel(level)
 
 
 def _mean(values: torch.Tensor) -> float:
