@@ -92,9 +92,12 @@ class DataConfig:
     flip: Literal["none", "joint", "independent"] = "none"  # horizontal flip of a pair's images
     prompt_dropout: float = 0.0  # probability of training a pair on the empty prompt
     num_workers: int = 0
-    score_columns: list[str] | None = None  # reward scores of image 0 and image 1 (SmPO), e.g. [pickscore_0, pickscore_1]
+    score_columns: list[str] | None = None  # reward scores of image 0 and image 1 (SmPO, MADPO), e.g. [pickscore_0, pickscore_1]
+    curriculum_stages: int = 0  # Curry-DPO: first pass easy -> hard by score margin in this many stages (0: off)
 
     def __post_init__(self):
+        if self.curriculum_stages < 0:
+            raise ConfigError(f"data.curriculum_stages={self.curriculum_stages} must be >= 0 (0 turns the curriculum off)")
         if not 0.0 <= self.prompt_dropout <= 1.0:
             raise ConfigError(f"data.prompt_dropout={self.prompt_dropout} must lie in [0, 1]")
         if self.resolution is not None and self.resolution <= 0:
@@ -111,12 +114,21 @@ class CacheConfig:
     shard_size: int = 1024  # pairs per safetensors shard
 
 
+REFERENCE_FREE_OBJECTIVES = ("simpo",)  # objective names the offline loop runs without any reference forward
+
+
 @dataclass
 class ObjectiveConfig:
-    """Hyperparameters of the preference objective."""
+    """Hyperparameters of the preference objective (variants: docs/objective_variants.md)."""
 
     beta: float = 5000.0  # DESIGN.md convention: loss = -log sigmoid(-beta/2 (dtheta - dref)); D3PO: 0.1 on log-ratios
-    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    # method=diffusion_dpo's loss: dpo (Eq. 14), hinge, ipo, robust_dpo, cdpo, madpo, simpo (reference-free), kto
+    name: Literal["dpo", "hinge", "ipo", "robust_dpo", "cdpo", "madpo", "simpo", "kto"] = "dpo"
+    epsilon: float = 0.1  # robust_dpo / cdpo: the assumed label-flip rate, in [0, 0.5)
+    madpo_scale: float = 1.0  # madpo: reward-margin unit of w = clip(2 sigmoid(-(s_w - s_l)/scale), min, max)
+    madpo_weight_min: float = 0.0
+    madpo_weight_max: float = 2.0
+    gamma_margin: float = 0.0  # simpo: target margin gamma in logit units
     clip_range: float = 0.1  # D3PO: per-step likelihood ratios clamped to [1 - clip_range, 1 + clip_range]
     gamma: float = 10.0  # SmPO: the official scale on the soft-label logit
     score_low: float = 0.11543526500463486  # SmPO: min-max normalisation of data.score_columns (official PickScore)
@@ -127,10 +139,22 @@ class ObjectiveConfig:
     def __post_init__(self):
         if self.beta <= 0:
             raise ConfigError(f"objective.beta={self.beta} must be > 0")
+        if not 0.0 <= self.epsilon < 0.5:
+            raise ConfigError(f"objective.epsilon={self.epsilon} must lie in [0, 0.5): it is the assumed label-flip rate")
+        if self.madpo_scale <= 0:
+            raise ConfigError(f"objective.madpo_scale={self.madpo_scale} must be > 0: it is the reward margin unit")
+        if not 0.0 <= self.madpo_weight_min <= self.madpo_weight_max:
+            raise ConfigError(f"objective.madpo_weight_min={self.madpo_weight_min} and madpo_weight_max="
+                              f"{self.madpo_weight_max} need 0 <= min <= max: weights are never negative")
         if not 0.0 < self.clip_range < 1.0:
             raise ConfigError(f"objective.clip_range={self.clip_range} must lie in (0, 1)")
         if self.margin < 0:
             raise ConfigError(f"objective.margin={self.margin} must be >= 0")
+
+    @property
+    def reference_free(self) -> bool:
+        """True when the objective never reads reference errors: no reference is built or run."""
+        return self.name in REFERENCE_FREE_OBJECTIVES
 
 
 @dataclass
@@ -245,6 +269,22 @@ class TrainConfig:
 
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is unknown{_suggest(self.method, METHODS)}")
+        name = self.objective.name
+        if name != "dpo" and self.method != "diffusion_dpo":
+            raise ConfigError(f"objective.name={name} is a loss of method=diffusion_dpo: set method=diffusion_dpo "
+                              "or objective.name=dpo")
+        if name == "madpo" and self.data.score_columns is None:
+            raise ConfigError("objective.name=madpo weights pairs by a reward margin: set data.score_columns "
+                              "(e.g. [reward_0, reward_1])")
+        if name == "madpo" and self.cache.enabled:
+            raise ConfigError("objective.name=madpo reads reward scores with every pair: set cache.enabled=false")
+        if self.data.curriculum_stages:
+            if self.data.score_columns is None:
+                raise ConfigError(f"data.curriculum_stages={self.data.curriculum_stages} orders pairs by reward "
+                                  "margin: set data.score_columns (e.g. [reward_0, reward_1])")
+            if METHODS[self.method].loop != "offline_pairs":
+                raise ConfigError(f"data.curriculum_stages orders offline pairs; method={self.method} samples "
+                                  "online: set data.curriculum_stages=0")
 
 
 # --------------------------------------------------------------------------------------------

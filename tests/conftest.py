@@ -9,7 +9,19 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(2)
+# 2 threads on the 2-core CI machine; OMP_NUM_THREADS=1 when another torch job shares the cores
+# (two 2-thread OpenMP pools on 2 cores run 15-50x slower)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-LM tests: their ops are too small to split, and a
+    second thread only spins against other work on the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,8 @@ def test_wrong_types_and_ranges_are_errors():
         from_dict(TrainConfig, {"objective": {"beta": -1}})
     with pytest.raises(ConfigError, match="lr"):
         from_dict(TrainConfig, {"optim": {"lr": -1.0}})
-    with pytest.raises(ConfigError, match="loss_type='nope' is not one of"):
-        from_dict(TrainConfig, {"objective": {"loss_type": "nope"}})
+    with pytest.raises(ConfigError, match="objective.name='nope' is not one of"):
+        from_dict(TrainConfig, {"objective": {"name": "nope"}})
     with pytest.raises(ConfigError, match="method='dpo' is unknown"):
         from_dict(TrainConfig, {"method": "dpo"})
 
@@ -52,7 +52,10 @@ def test_random_crop_with_cache_is_rejected():
 
 @pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.yaml") if not {"accelerate", "eval"} & set(p.parts)), ids=str)
 def test_every_shipped_config_validates(path):
-    cls = QuickstartConfig if path.name.startswith("quickstart") else TrainConfig
+    from diffpo.prompt.config import PromptTrainConfig
+
+    cls = (PromptTrainConfig if "prompt" in path.parts else QuickstartConfig if path.name.startswith("quickstart")
+           else TrainConfig)
     load_config(cls, path)
 
 

@@ -29,9 +29,9 @@ def test_beta_convention_is_half_beta_times_gap():
 
 def test_hinge_and_ipo_hand_computed():
     args = (torch.tensor([0.30, 0.5]), torch.tensor([0.50, 0.5]), torch.tensor([0.40, 0.5]), torch.tensor([0.45, 0.5]))
-    hinge, _ = diffusion_dpo_loss(*args, beta=10.0, loss_type="hinge")
+    hinge, _ = diffusion_dpo_loss(*args, beta=10.0, name="hinge")
     assert hinge.tolist() == pytest.approx([max(0.0, 1 - 0.75), 1.0], rel=1e-6)
-    ipo, _ = diffusion_dpo_loss(*args, beta=10.0, loss_type="ipo")
+    ipo, _ = diffusion_dpo_loss(*args, beta=10.0, name="ipo")
     assert ipo.tolist() == pytest.approx([(0.075 - 0.05) ** 2, 0.05 ** 2], rel=1e-5)
 
 
@@ -52,8 +52,8 @@ def test_loss_gradient_pushes_winner_error_down():
 
 def test_bad_arguments_raise():
     t = torch.zeros(1)
-    with pytest.raises(ValueError, match="loss_type"):
-        diffusion_dpo_loss(t, t, t, t, loss_type="nope")
+    with pytest.raises(ValueError, match="'nope' is not a diffusion_dpo_loss form"):
+        diffusion_dpo_loss(t, t, t, t, name="nope")
     with pytest.raises(ValueError, match="beta"):
         diffusion_dpo_loss(t, t, t, t, beta=0.0)
 

@@ -24,13 +24,7 @@ from diffpo.prompt.lm import (
 from diffpo.prompt.semantic import semantic_weights
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny LM's ops are too small to split: extra threads only spin against busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny LM ops: threads only spin
 
 
 @pytest.fixture(scope="module")

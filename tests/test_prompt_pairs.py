@@ -40,13 +40,7 @@ class CountingPipeline:
         return self.pipe(prompt=prompt, **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: a second intra-op thread only spins against the other processes on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny LM ops: threads only spin
 
 
 @pytest.fixture(scope="module")

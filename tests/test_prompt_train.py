@@ -16,13 +16,7 @@ from diffpo.prompt.train import read_pairs, train_rewriter
 LOG2 = torch.tensor(math.log(2.0)).item()  # log 2 as the fp32 loss holds it
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny LM's ops are too small to split: extra threads only spin against busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny LM ops: threads only spin
 
 
 def write_pairs(path, count: int = 5) -> str:

@@ -127,6 +127,14 @@ class PreferencePairs(torch.utils.data.Dataset):
         """Augmentation draws depend on the epoch (not ``set_epoch``: see trainers.common.EpochSampler)."""
         self.epoch = epoch
 
+    def score_margins(self) -> np.ndarray:
+        """s_w − s_l per pair (winner first) from ``data.score_columns``: the curriculum's ordering key."""
+        if not self.score_columns:
+            raise DataError("a curriculum orders pairs by reward margin: set data.score_columns (e.g. [reward_0, reward_1])")
+        score_0, score_1 = (np.asarray(self.table[c], dtype=np.float64)[self.rows] for c in self.score_columns)
+        sign = np.where(self.labels[self.rows] >= 0.5, 1.0, -1.0)  # the same winner rule as __getitem__
+        return sign * (score_0 - score_1)
+
     def caption(self, index: int) -> str:
         return str(self.table[int(self.rows[index])][self.columns[2]] or "")
 

@@ -1,7 +1,10 @@
 """Preference objectives. ``METHODS`` maps a method name to how a trainer runs it.
 
 A new method that fits the offline-pairs loop costs one ``Method`` entry here: the function that
-turns ``PairErrors`` into a per-pair loss, and whether it needs reference errors.
+turns ``PairErrors`` into a per-pair loss, and whether it needs reference errors. ``diffusion_dpo``
+further dispatches on ``objective.name`` (``variants.OBJECTIVES``: dpo, hinge, ipo, robust_dpo,
+cdpo, madpo, simpo, kto); a reference-free name (``ObjectiveConfig.reference_free``) overrides
+``needs_reference``.
 """
 
 from __future__ import annotations
@@ -16,21 +19,20 @@ from diffpo.objectives.dpo import diffusion_dpo_loss, sft_loss
 from diffpo.objectives.dro import dro_loss
 from diffpo.objectives.seppo import aaf_loss
 from diffpo.objectives.smpo import smpo_loss, soft_labels
+from diffpo.objectives.variants import OBJECTIVES
 
 
 @dataclass(frozen=True)
 class Method:
     loop: str  # the trainer module in diffpo.trainers that runs it
-    needs_reference: bool
+    needs_reference: bool  # the loop also skips the reference when ``objective.reference_free``
     loss: Callable  # offline pairs: (PairErrors, ObjectiveConfig, batch) -> (per-pair loss (B,), metrics); online: the step loss
     paper: str
     prepare: str | None = None  # offline pairs: how x_t and the target are made (None: shared noise; "inversion": SmPO)
 
 
 def _dpo(errors, objective, batch=None) -> tuple[torch.Tensor, dict]:
-    return diffusion_dpo_loss(
-        errors.policy_w, errors.policy_l, errors.ref_w, errors.ref_l, objective.beta, objective.loss_type
-    )
+    return OBJECTIVES[objective.name](errors, objective, batch)
 
 
 def _sft(errors, objective, batch=None) -> tuple[torch.Tensor, dict]:
@@ -58,4 +60,4 @@ METHODS: dict[str, Method] = {
                                             "from Implicit User Feedback (Diffusion-DRO), NeurIPS 2025"),
 }
 
-__all__ = ["METHODS", "Method", "aaf_loss", "d3po_step_loss", "diffusion_dpo_loss", "dro_loss", "sft_loss"]
+__all__ = ["METHODS", "Method", "OBJECTIVES", "aaf_loss", "d3po_step_loss", "diffusion_dpo_loss", "dro_loss", "sft_loss"]

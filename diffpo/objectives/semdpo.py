@@ -28,7 +28,7 @@ def semdpo_loss(
     if beta <= 0:
         raise ValueError(f"beta={beta} must be > 0")
     loss, inner = diffusion_dpo_loss(-policy_logp_w, -policy_logp_l, -ref_logp_w, -ref_logp_l,
-                                     beta=2.0 * beta, loss_type="sigmoid")
+                                     beta=2.0 * beta, name="dpo")
     weights = weights.to(loss.dtype)
     with torch.no_grad():
         chosen = beta * (policy_logp_w - ref_logp_w)  # DPO's implicit rewards r = β log(π/π_ref)

@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffpo.config import ConfigError, save_config
@@ -53,6 +54,34 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
         return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class CurriculumSampler(EpochSampler):
+    """Curry-DPO (Pattnaik et al., 2024) order: epoch 0 is the curriculum, easy to hard.
+
+    Pairs are sorted by reward margin s_w − s_l, largest (easiest) first, ties by index, and cut
+    into ``stages`` near-equal consecutive stages (``numpy.array_split``); epoch 0 visits stage 1
+    in a shuffled order, then stage 2, ... Epochs >= 1 are ``EpochSampler``'s plain permutations.
+    Every order is a pure function of (margins, stages, seed, epoch), so resuming is exact."""
+
+    def __init__(self, margins, stages: int, seed: int):
+        margins = np.asarray(margins, dtype=np.float64)
+        if not np.isfinite(margins).all():
+            raise ValueError("data.score_columns hold NaN/inf scores: fix or drop those rows before a curriculum")
+        if not 1 <= stages <= len(margins):
+            raise ValueError(f"data.curriculum_stages={stages} must lie in [1, {len(margins)}] (the number of pairs)")
+        super().__init__(len(margins), seed)
+        self.stages = [stage.tolist() for stage in np.array_split(np.argsort(-margins, kind="stable"), stages)]
+
+    def __iter__(self):
+        if self.epoch > 0:
+            return super().__iter__()
+        order = []
+        for number, stage in enumerate(self.stages):
+            # its own stream per stage, apart from the epoch permutations (seed * 7_919 + epoch)
+            generator = torch.Generator().manual_seed(self.seed * 7_919 + 1_000_003 * (number + 1))
+            order.extend(stage[i] for i in torch.randperm(len(stage), generator=generator).tolist())
+        return iter(order)
 
 
 def build_optimizer(params, optim):

@@ -22,6 +22,7 @@ from diffpo.kernel.inversion import invert_to_timesteps, inversion_target
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.objectives import METHODS
 from diffpo.trainers.common import (
+    CurriculumSampler,
     EpochSampler,
     build_optimization,
     check_finite,
@@ -64,7 +65,8 @@ def _train(config: TrainConfig) -> Path:
     if resolution % stack.vae_scale_factor:
         raise ValueError(f"data.resolution={resolution} is not divisible by the VAE factor {stack.vae_scale_factor}")
     reference = None
-    if method.needs_reference:
+    # a reference-free objective (simpo) needs neither the reference forward nor a frozen copy
+    if method.needs_reference and not config.objective.reference_free:
         reference = (AdaptersDisabledReference(unet) if config.finetune == "lora" else
                      FrozenCopyReference(stack.load_unet(), accelerator.device, reference_dtype(config, weight_dtype),
                                          config.reference.offload))
@@ -84,7 +86,10 @@ def _train(config: TrainConfig) -> Path:
     else:
         dataset = pairs
         empty_text = stack.encode_prompts([""])
-    sampler = EpochSampler(len(dataset), config.seed)
+    if config.data.curriculum_stages:  # Curry-DPO: the first epoch easy -> hard by reward margin
+        sampler = CurriculumSampler(pairs.score_margins(), config.data.curriculum_stages, config.seed)
+    else:
+        sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                          collate_fn=collate_pairs, num_workers=config.data.num_workers, drop_last=True)
     if len(loader) == 0:
