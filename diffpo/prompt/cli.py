@@ -57,34 +57,37 @@ def add_rendering_arguments(parser, rewards_help: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _pairs(args) -> None:
+def _rendering_setup(args) -> dict:
+    """What ``pairs`` and ``evaluate`` both load from the shared arguments: reward specs, source
+    prompts, the rewriter and its template, the diffusion pipeline, the heads and the embedder."""
     from diffpo.prompt.lm import load_rewriter, rewriter_template
-    from diffpo.prompt.pairs import (
-        PairBuildOptions,
-        build_candidates,
-        default_rewards,
-        load_heads,
-        load_pipeline,
-        make_pairs,
-        parse_reward,
-    )
+    from diffpo.prompt.pairs import default_rewards, load_heads, load_pipeline, parse_reward
     from diffpo.prompt.semantic import DEFAULT_EMBEDDER, load_embedder
     from diffpo.prompt.sources import load_source_prompts
 
     rewards = [parse_reward(r) for r in args.reward] if args.reward else default_rewards()
+    return {"rewards": rewards,
+            "prompts": load_source_prompts(args.source, args.column, args.max_prompts, args.seed, args.split),
+            "rewriter": load_rewriter(args.rewriter, args.device), "template": rewriter_template(args.rewriter),
+            "pipeline": load_pipeline(args.model, args.device, args.dtype), "heads": load_heads(rewards, args.device),
+            "embedder": load_embedder(args.embedder or DEFAULT_EMBEDDER, args.device)}
+
+
+def _pairs(args) -> None:
+    from diffpo.prompt.pairs import PairBuildOptions, build_candidates, make_pairs
+
+    setup = _rendering_setup(args)
     options = PairBuildOptions(n_candidates=args.n, temperature=args.temperature, top_p=args.top_p,
                                max_new_tokens=args.max_new_tokens, seeds_per_prompt=args.seeds_per_prompt,
-                               steps=args.steps, guidance_scale=args.guidance, rewards=rewards, pairing=args.pairing,
-                               margin=args.margin, render_batch_size=args.batch_size, seed=args.seed)
-    prompts = load_source_prompts(args.source, args.column, args.max_prompts, args.seed, args.split)
+                               steps=args.steps, guidance_scale=args.guidance, rewards=setup["rewards"],
+                               pairing=args.pairing, margin=args.margin, render_batch_size=args.batch_size, seed=args.seed)
     out = Path(args.out)
-    candidates = build_candidates(load_rewriter(args.rewriter, args.device), rewriter_template(args.rewriter), prompts,
-                                  load_pipeline(args.model, args.device, args.dtype), load_heads(rewards, args.device),
-                                  load_embedder(args.embedder or DEFAULT_EMBEDDER, args.device),
-                                  out / "candidates.jsonl", options, progress=not args.no_progress)
+    candidates = build_candidates(setup["rewriter"], setup["template"], setup["prompts"], setup["pipeline"],
+                                  setup["heads"], setup["embedder"], out / "candidates.jsonl", options,
+                                  progress=not args.no_progress)
     count = make_pairs(candidates, out / "pairs.jsonl", options.pairing, options.margin)
-    print(f"{len(prompts)} prompts -> {candidates}; {count} pairs ({options.pairing}, margin {options.margin:g}) -> "
-          f"{out / 'pairs.jsonl'}")
+    print(f"{len(setup['prompts'])} prompts -> {candidates}; {count} pairs ({options.pairing}, margin "
+          f"{options.margin:g}) -> {out / 'pairs.jsonl'}")
 
 
 def add_pairs_command(subparsers):
@@ -113,19 +116,12 @@ def add_pairs_command(subparsers):
 
 def _evaluate(args) -> None:
     from diffpo.prompt.evaluate import COMBINED, evaluate_rewriter
-    from diffpo.prompt.lm import load_rewriter, rewriter_template
-    from diffpo.prompt.pairs import default_rewards, load_heads, load_pipeline, parse_reward
-    from diffpo.prompt.semantic import DEFAULT_EMBEDDER, load_embedder
-    from diffpo.prompt.sources import load_source_prompts
 
-    rewards = [parse_reward(r) for r in args.reward] if args.reward else default_rewards()
-    prompts = load_source_prompts(args.source, args.column, args.max_prompts, args.seed, args.split)
-    result = evaluate_rewriter(load_rewriter(args.rewriter, args.device), rewriter_template(args.rewriter), prompts,
-                               load_pipeline(args.model, args.device, args.dtype), load_heads(rewards, args.device),
-                               load_embedder(args.embedder or DEFAULT_EMBEDDER, args.device), args.out,
-                               seeds_per_prompt=args.seeds_per_prompt, steps=args.steps, guidance=args.guidance,
-                               n=args.n, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    setup = _rendering_setup(args)
+    result = evaluate_rewriter(setup["rewriter"], setup["template"], setup["prompts"], setup["pipeline"], setup["heads"],
+                               setup["embedder"], args.out, seeds_per_prompt=args.seeds_per_prompt, steps=args.steps,
+                               guidance=args.guidance, n=args.n, seed=args.seed, temperature=args.temperature,
+                               top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                progress=not args.no_progress)
     combined = result["metrics"][COMBINED]
     print(f"{result['prompts']} prompts: combined reward {combined['original']['mean']:.4g} -> "
