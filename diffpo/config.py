@@ -94,6 +94,7 @@ class DataConfig:
     num_workers: int = 0
     score_columns: list[str] | None = None  # reward scores of image 0 and image 1 (SmPO, MADPO), e.g. [pickscore_0, pickscore_1]
     curriculum_stages: int = 0  # Curry-DPO: first pass easy -> hard by score margin in this many stages (0: off)
+    feedback_column: str | None = None  # Diffusion-KTO on unpaired data: one image per row, this column 1 (desirable) / 0
 
     def __post_init__(self):
         if self.curriculum_stages < 0:
@@ -278,6 +279,13 @@ class TrainConfig:
                               "(e.g. [reward_0, reward_1])")
         if name == "madpo" and self.cache.enabled:
             raise ConfigError("objective.name=madpo reads reward scores with every pair: set cache.enabled=false")
+        if self.data.feedback_column is not None:
+            if name != "kto":
+                raise ConfigError(f"data.feedback_column={self.data.feedback_column} is per-image (unpaired) feedback: "
+                                  "train it with objective.name=kto")
+            if self.cache.enabled or self.data.curriculum_stages:
+                raise ConfigError("data.feedback_column (unpaired images) has no pairs to cache or order: set "
+                                  "cache.enabled=false and data.curriculum_stages=0")
         if self.data.curriculum_stages:
             if self.data.score_columns is None:
                 raise ConfigError(f"data.curriculum_stages={self.data.curriculum_stages} orders pairs by reward "

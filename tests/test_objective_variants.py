@@ -14,6 +14,7 @@ from diffpo.objectives import METHODS, diffusion_dpo_loss
 from diffpo.objectives.variants import (
     OBJECTIVES,
     conservative_dpo_loss,
+    kto_feedback_loss,
     kto_loss,
     madpo_loss,
     margin_weights,
@@ -349,3 +350,56 @@ def test_curriculum_drives_the_offline_loop_and_resumes_exactly(tmp_path, tiny_s
     a = load_file(straight / "final" / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "final" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- Diffusion-KTO on unpaired feedback ---------------------------------------------------------------
+
+
+def test_kto_feedback_loss_hand_computed_and_pairs_are_its_special_case():
+    policy, ref = torch.tensor([0.10, 0.30, 0.20]), torch.tensor([0.12, 0.25, 0.20])
+    desirable = torch.tensor([1.0, 0.0, 1.0])
+    loss, metrics = kto_feedback_loss(policy, ref, desirable, beta=100.0)
+    r = [-50 * (0.10 - 0.12), -50 * (0.30 - 0.25), 0.0]  # [1.0, -2.5, 0.0]: mean < 0, so z_ref = 0
+    expected = [1 - sigmoid(r[0]), 1 - sigmoid(-r[1]), 1 - sigmoid(r[2])]
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    assert float(metrics["kto_z_ref"]) == 0.0
+    # pairs data = winners desirable, losers undesirable, one reference point over all 2B images
+    pw, pl, rw, rl = torch.tensor([0.1, 0.4]), torch.tensor([0.3, 0.2]), torch.tensor([0.2, 0.3]), torch.tensor([0.3, 0.3])
+    paired, _ = kto_loss(pw, pl, rw, rl, beta=10.0)
+    images, _ = kto_feedback_loss(torch.cat([pw, pl]), torch.cat([rw, rl]), torch.tensor([1.0, 1.0, 0.0, 0.0]), 10.0)
+    torch.testing.assert_close(paired, 0.5 * (images[:2] + images[2:]))
+
+
+@pytest.fixture(scope="module")
+def feedback_parquet(tmp_path_factory):
+    """12 single shape images with a binary desirable label each (an unpaired feedback table)."""
+    from diffpo.data.shapes import sample_shapes
+    from diffpo.data.writer import write_images_parquet
+
+    shapes = sample_shapes(12, seed=4)
+    return str(write_images_parquet(tmp_path_factory.mktemp("feedback") / "feedback.parquet", [im for im, _ in shapes],
+                                    [c for _, c in shapes], {"thumbs_up": [i % 3 != 0 for i in range(12)]}))
+
+
+def test_kto_trains_on_unpaired_feedback_from_one_half(tmp_path, tiny_sd_dir, feedback_parquet, monkeypatch):
+    calls = _count_unet_forwards(monkeypatch)
+    _, metrics = _run(tmp_path, tiny_sd_dir, feedback_parquet, "kto", "objective.name=kto", "data.feedback_column=thumbs_up")
+    # one image per row, noised on its own: a policy and a reference forward of the 4 images per step
+    assert calls == [4, 4, 4, 4]
+    assert metrics[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # r = z_ref = 0 at initialisation
+    assert 0.0 < metrics[0]["desirable_fraction"] < 1.0
+    assert abs(metrics[1]["loss"] - 0.5) > 1e-6
+
+
+def test_unpaired_feedback_errors_name_the_fix(tmp_path, tiny_sd_dir, feedback_parquet):
+    with pytest.raises(ConfigError, match="train it with objective.name=kto"):
+        from_dict(TrainConfig, {"data": {"feedback_column": "thumbs_up"}})
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(feedback_parquet)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.set_column(2, "thumbs_up", [[0.5] * table.num_rows]), bad)
+    from diffpo.data.pairs import DataError
+
+    with pytest.raises(DataError, match="thumbs_up must be 1 .desirable. or 0"):
+        _run(tmp_path, tiny_sd_dir, str(bad), "bad", "objective.name=kto", "data.feedback_column=thumbs_up")

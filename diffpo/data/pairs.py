@@ -88,11 +88,17 @@ class PreferencePairs(torch.utils.data.Dataset):
         base_dir: str | Path | None = None,
         winners_only: bool = False,
         score_columns: list[str] | None = None,
+        feedback_column: str | None = None,
     ):
         # winners_only (SePPO): only the preferred image is read; a plain image+caption table
-        # (no image_1 / label column) counts as all winners
-        plain = winners_only and image_1_column not in table.column_names and label_column not in table.column_names
+        # (no image_1 / label column) counts as all winners. feedback_column (Diffusion-KTO, unpaired):
+        # one image per row with its own binary label, read as the item's "desirable"
+        winners_only = winners_only or feedback_column is not None
+        plain = feedback_column is not None or (
+            winners_only and image_1_column not in table.column_names and label_column not in table.column_names)
         needed = (image_0_column, caption_column) if plain else (image_0_column, image_1_column, label_column, caption_column)
+        if feedback_column is not None:
+            needed = (*needed, feedback_column)
         if score_columns is not None and len(score_columns) != 2:
             raise DataError(f"data.score_columns={score_columns} must name two columns: the scores of image 0 and image 1")
         needed = (*needed, *(score_columns or ()))
@@ -103,6 +109,13 @@ class PreferencePairs(torch.utils.data.Dataset):
                 "image_1_column / label_column / caption_column"
             )
         labels = np.ones(len(table)) if plain else np.asarray(table[label_column], dtype=np.float64)
+        self.feedback = None
+        if feedback_column is not None:
+            self.feedback = np.asarray(table[feedback_column], dtype=np.float64)
+            bad = ~np.isin(self.feedback, (0.0, 1.0))
+            if bad.any():
+                raise DataError(f"{feedback_column} must be 1 (desirable) or 0 (undesirable); row {int(np.argmax(bad))} "
+                                f"has {self.feedback[bad][0]}")
         bad = ~np.isin(labels, VALID_LABELS)
         if bad.any():
             raise DataError(f"{label_column} must be 0, 0.5 or 1; row {int(np.argmax(bad))} has {labels[bad][0]}")
@@ -147,6 +160,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index, 0])
         flips = flip_decisions(self.seed, self.epoch, index, self.flip)
         item = {"index": index, "caption": str(record[col_caption] or ""), "label": float(label)}
+        if self.feedback is not None:
+            item["desirable"] = float(self.feedback[row])
         if self.score_columns:  # reward scores of winner and loser (SmPO's soft labels)
             score_0, score_1 = (float(record[c]) for c in self.score_columns)
             item["score_w"], item["score_l"] = (score_0, score_1) if label >= 0.5 else (score_1, score_0)
@@ -198,4 +213,5 @@ def build_pairs(data_config, resolution: int, seed: int, winners_only: bool = Fa
         base_dir=base_dir,
         winners_only=winners_only,
         score_columns=data_config.score_columns,
+        feedback_column=data_config.feedback_column,
     )

@@ -90,24 +90,41 @@ def simpo_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, beta: float,
     return -F.logsigmoid(logits), metrics
 
 
+def kto_feedback_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, desirable: torch.Tensor,
+                      beta: float) -> tuple[torch.Tensor, dict]:
+    """Diffusion-KTO (Li et al., *Aligning Diffusion Models by Optimizing Human Utility*, 2024) with
+    KTO's value function (Ethayarajh et al., 2024) on per-image (unpaired) binary feedback.
+
+    Per image r = −½β(e_θ − e_ref); reference point z_ref = max(0, mean of r over the batch),
+    detached; desirable images 1 − σ(r − z_ref), undesirable ones 1 − σ(z_ref − r). At
+    initialisation r = z_ref = 0: every image's loss is 1/2 (not log 2)."""
+    _check(beta)
+    reward = -0.5 * beta * (policy_err - ref_err)
+    # the batch estimate of KL(policy || reference), never negative, and a constant to the gradient
+    z_ref = reward.mean().clamp(min=0.0).detach()
+    good = desirable.to(reward.device).bool()
+    loss = torch.where(good, 1.0 - torch.sigmoid(reward - z_ref), 1.0 - torch.sigmoid(z_ref - reward))
+    with torch.no_grad():
+        metrics = {"kto_z_ref": z_ref, "desirable_fraction": good.float().mean(),
+                   "reward_desirable": reward[good].mean() if good.any() else torch.tensor(float("nan")),
+                   "reward_undesirable": reward[~good].mean() if (~good).any() else torch.tensor(float("nan"))}
+    return loss, metrics
+
+
 def kto_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
              beta: float) -> tuple[torch.Tensor, dict]:
-    """Diffusion-KTO (Li et al., *Aligning Diffusion Models by Optimizing Human Utility*, 2024) with
-    KTO's value function (Ethayarajh et al., 2024) on pairs data: winners desirable, losers not.
-
-    Per image r = −½β(e_θ − e_ref); reference point z_ref = max(0, mean of r over the 2B images),
-    detached; desirable 1 − σ(r_w − z_ref), undesirable 1 − σ(z_ref − r_l); per pair the mean of
-    its two images. At initialisation r = z_ref = 0: every pair's loss is 1/2 (not log 2)."""
-    _check(beta)
-    reward_w = -0.5 * beta * (policy_w - ref_w)
-    reward_l = -0.5 * beta * (policy_l - ref_l)
-    # the batch estimate of KL(policy || reference), never negative, and a constant to the gradient
-    z_ref = torch.cat([reward_w, reward_l]).mean().clamp(min=0.0).detach()
-    loss = 0.5 * ((1.0 - torch.sigmoid(reward_w - z_ref)) + (1.0 - torch.sigmoid(z_ref - reward_l)))
+    """Diffusion-KTO on pairs data, as the paper builds it from Pick-a-Pic: every winner is a
+    desirable image and every loser an undesirable one (``kto_feedback_loss`` over the 2B images,
+    one reference point); per pair the mean of its two images' losses, 1/2 at initialisation."""
+    ones = torch.ones_like(policy_w, dtype=torch.bool)
+    per_image, image_metrics = kto_feedback_loss(torch.cat([policy_w, policy_l]), torch.cat([ref_w, ref_l]),
+                                                 torch.cat([ones, ~ones]), beta)
+    loss_w, loss_l = per_image.chunk(2)
     logits, margin = _logits(policy_w, policy_l, ref_w, ref_l, beta)  # r_w − r_l = β·h
     metrics = pair_metrics(logits, margin, policy_w, policy_l, ref_w, ref_l)
-    metrics.update(kto_z_ref=z_ref, reward_w=reward_w.detach().mean(), reward_l=reward_l.detach().mean())
-    return loss, metrics
+    metrics.update(kto_z_ref=image_metrics["kto_z_ref"], reward_w=image_metrics["reward_desirable"],
+                   reward_l=image_metrics["reward_undesirable"])
+    return 0.5 * (loss_w + loss_l), metrics
 
 
 # ---- the offline loop's dispatch: (PairErrors, ObjectiveConfig, batch) -> (loss (B,), metrics) ----------

@@ -14,13 +14,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffpo.config import TrainConfig
+from diffpo.config import ConfigError, TrainConfig
 from diffpo.dtypes import MIXED_PRECISION_DTYPES
-from diffpo.config import ConfigError
-from diffpo.kernel.denoising import NoisedPairs, noise_pairs, pair_errors, pair_noise, prediction_target
+from diffpo.kernel.denoising import (
+    NoisedPairs,
+    noise_pairs,
+    pair_errors,
+    pair_noise,
+    per_sample_error,
+    prediction_target,
+)
 from diffpo.kernel.inversion import invert_to_timesteps, inversion_target
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.objectives import METHODS
+from diffpo.objectives.variants import kto_feedback_loss
 from diffpo.trainers.common import (
     CurriculumSampler,
     EpochSampler,
@@ -119,6 +126,27 @@ def _train(config: TrainConfig) -> Path:
     global_step, micro_step = state["global_step"], state["micro_step"]
 
     # ---- one micro-step -----------------------------------------------------------------------
+    def feedback_batch_loss(batch: dict, generator: torch.Generator):
+        """Diffusion-KTO on unpaired feedback (``data.feedback_column``): every image noised on its
+        own (no pair to share noise with), policy and reference errors, the per-image KTO loss."""
+        mean, std = stack.encode_images(batch["pixels_w"])
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        latents = stack.latents_from_distribution(mean, std, eps).to(weight_dtype)
+        drop = torch.rand(latents.shape[0], generator=generator) < config.data.prompt_dropout
+        text = stack.encode_prompts(batch["caption"]).where(drop, empty_text)
+        noise, timesteps = pair_noise(latents, stack.noise_scheduler.config.num_train_timesteps, generator)
+        time_ids = None
+        if stack.family.name == "sdxl":
+            time_ids = sdxl_time_ids(batch["original_size_w"], batch["crop_w"], resolution)
+        conditioning = stack.family.unet_conditioning(text, time_ids)
+        noisy = stack.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = prediction_target(stack.prediction_type, stack.noise_scheduler, latents, noise, timesteps)
+        policy_err = per_sample_error(policy(noisy, timesteps, conditioning), target)
+        with torch.no_grad():
+            ref_err = per_sample_error(reference(noisy, timesteps, conditioning), target)
+        per_image, metrics = kto_feedback_loss(policy_err, ref_err, torch.as_tensor(batch["desirable"]), config.objective.beta)
+        return per_image.mean(), metrics
+
     def micro_batch_loss(batch: dict, generator: torch.Generator):
         if "mean_w" in batch:  # from the cache
             mean = torch.cat([batch["mean_w"], batch["mean_l"]]).to(accelerator.device, torch.float32)
@@ -165,7 +193,8 @@ def _train(config: TrainConfig) -> Path:
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in batches:
             with accelerator.accumulate(unet):
-                loss, metrics = micro_batch_loss(batch, step_generator(config.seed, micro_step, accelerator.process_index))
+                batch_loss = feedback_batch_loss if config.data.feedback_column else micro_batch_loss
+                loss, metrics = batch_loss(batch, step_generator(config.seed, micro_step, accelerator.process_index))
                 check_finite(loss, global_step, batch["caption"], run_dir)
                 accelerator.backward(loss)
                 grad_norm = None
