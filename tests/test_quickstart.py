@@ -51,7 +51,7 @@ def test_online_quickstart_presets_run_end_to_end(tmp_path, method):
     to a few steps, it trains, evaluates and writes its report (the full runs are the slow tests)."""
     out = tmp_path / method
     short = ["train.max_steps=2", "eval_seeds_per_prompt=1", "eval_steps=4", "sample_steps=4", "num_prompts=4",
-             "train.online.prompts_per_round=2"]
+             "train.online.prompts_per_round=2", "train.train_batch_size=4", "train.online.replay_batch_size=4"]
     result = subprocess.run([sys.executable, "-m", "diffpo", "quickstart", f"method={method}", f"output_dir={out}", *short],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
