@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from diffpo.config import ConfigError, OptimConfig
+from diffpo.config import ConfigError, LoraConfig, OptimConfig
 from diffpo.prompt.lm import DEFAULT_REWRITER, RewriteTemplate
 
 _DEFAULT_TEMPLATE = RewriteTemplate()
@@ -39,19 +39,14 @@ class RewriterConfig:
 
 
 @dataclass
-class PromptLoraConfig:
-    """LoRA on the rewriter's attention projections (peft); B = 0 at start, so policy = reference."""
+class PromptLoraConfig(LoraConfig):
+    """diffpo's LoRA settings on the rewriter's attention projections (peft); B = 0 at start, so
+    policy = reference. alpha None means 2 x rank here (the LM default), rank on the UNet."""
 
-    rank: int = 8
-    alpha: float | None = None  # None: alpha = 2 x rank
-    dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ConfigError(f"lora.rank={self.rank} must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout={self.dropout} must lie in [0, 1)")
+        super().__post_init__()
         if not self.target_modules:
             raise ConfigError("lora.target_modules is empty: name the linear layers to adapt (e.g. q_proj, v_proj)")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from diffpo.prompt.pairs import check_heads, prompt_seeds, render, score_renders
+from diffpo.prompt.pairs import check_heads, json_safe, prompt_seeds, render, score_renders
 
 SELECTION_OFFSET = 500_000  # best-of-n picks on seeds this far from the evaluation seeds
 COMBINED = "combined"
@@ -122,7 +122,7 @@ def evaluate_rewriter(rewriter, template, prompts: list[str], pipeline, heads: d
               "seed": seed, "bootstrap": "95% percentile bootstrap over prompts (all images of a drawn prompt)",
               "metrics": metrics, "semantic_similarity": summarize(cos.numpy(), seed=seed),
               "report": str(report), "examples": str(examples_file), "per_prompt": per_prompt}
-    (out / "prompt_eval.json").write_text(json.dumps(_finite(result), indent=2) + "\n", encoding="utf-8")
+    (out / "prompt_eval.json").write_text(json.dumps(json_safe(result), indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -155,9 +155,3 @@ def _link_examples(index: Path) -> None:
     # report_samples has no slot for extra sections: add a link to examples.html in its nav bar.
     page = index.read_text(encoding="utf-8")
     index.write_text(page.replace("</nav>", " · <a href='examples.html'>examples</a></nav>", 1), encoding="utf-8")
-
-
-def _finite(value):
-    from diffpo.prompt.pairs import _finite as finite
-
-    return finite(value)

@@ -229,21 +229,21 @@ def build_candidates(rewriter, template, prompts: list[str], pipeline, heads: di
                       "original_reward": _mean(combined[k]),
                       "original_components": {key: _mean(v[k]) for key, v in components.items()},
                       "seeds": seeds}
-            handle.write(json.dumps(_finite(record)) + "\n")
+            handle.write(json.dumps(json_safe(record)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())  # a crash loses at most the prompt being worked on
             bar.update(1)
     return out_path
 
 
-def _finite(value):
+def json_safe(value):
     """NaN -> null: strict JSON readers reject NaN; ``make_pairs`` reads null as "no opinion"."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

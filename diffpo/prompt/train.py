@@ -88,17 +88,6 @@ def attach_rewriter_lora(model, lora) -> object:
                           f"({str(error).splitlines()[0]}): use names like q_proj, k_proj, v_proj, o_proj") from None
 
 
-@contextlib.contextmanager
-def adapters_disabled(peft_model):
-    """The reference policy: the same LM with its LoRA adapters off, back on whatever happens."""
-    context = peft_model.disable_adapter()
-    context.__enter__()
-    try:
-        yield peft_model
-    finally:
-        context.__exit__(None, None, None)
-
-
 def train_rewriter(config: PromptTrainConfig) -> Path:
     """Run Sem-DPO on ``config.pairs``; returns the run directory (``final/`` is the trained rewriter,
     loadable with ``load_rewriter`` / ``PromptOptimizer.from_pretrained``)."""
@@ -159,7 +148,7 @@ def _train(config: PromptTrainConfig) -> Path:
         both = _stack_right_padded(chosen, rejected, tokenizer.pad_token_id, accelerator.device)
         with accelerator.autocast():
             logp = sequence_logprobs(model, **both)
-            with torch.no_grad(), adapters_disabled(policy):
+            with torch.no_grad(), policy.disable_adapter():  # the reference: adapters off, back on after
                 ref_logp = sequence_logprobs(policy, **both)
         logp_w, logp_l = logp.chunk(2)
         ref_w, ref_l = ref_logp.chunk(2)
