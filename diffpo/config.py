@@ -135,6 +135,8 @@ class ObjectiveConfig:
     score_low: float = 0.11543526500463486  # SmPO: min-max normalisation of data.score_columns (official PickScore)
     score_high: float = 0.28201571106910706
     inversion_steps: int = 5  # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10)
+    # SmPO: per_sample lands x~ on each training timestep; shared is the official code's one coarse grid
+    inversion_grid: Literal["per_sample", "shared"] = "per_sample"
     margin: float = 0.001  # Diffusion-DRO: the hinge margin m
 
     def __post_init__(self):

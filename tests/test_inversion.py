@@ -213,3 +213,31 @@ def test_invert_to_timesteps_matches_plain_inversion_on_a_shared_grid_and_is_per
     mixed = invert_to_timesteps(denoise, scheduler, x0, {}, torch.tensor([900, 300, 50]), 5)
     alone = invert_to_timesteps(denoise, scheduler, x0[1:2], {}, torch.tensor([300]), 5)
     torch.testing.assert_close(mixed[1:2], alone)
+
+
+def test_shared_grid_stops_at_the_last_official_point_below_each_timestep():
+    """grid="shared" (the official SmPO code's): 5 steps on 1000 train steps visit offset, 200 +
+    offset, ...; a sample at t = 550 is inverted through the points below 550 and no further, one
+    at t = 0 is returned unchanged, and a batch gives what each sample gives alone."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from diffpo.kernel.inversion import invert_to_timesteps
+    from diffpo.kernel.trajectory import step_coefficients
+
+    scheduler = DDIMScheduler.from_config(DDPMScheduler.from_pretrained("assets/tiny-sd-shapes", subfolder="scheduler").config)
+    offset = scheduler.config.get("steps_offset", 0)
+    denoise = lambda x, t, c: 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1) / 1000  # noqa: E731
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([550, 0, 999])
+    out = invert_to_timesteps(denoise, scheduler, x0, {}, timesteps, 5, renoise_steps=1, grid="shared")
+    for b, t_b in enumerate(timesteps.tolist()):
+        expected, prev = x0[b:b + 1].clone(), torch.full((1,), -1)
+        for point in [k * 200 + offset for k in range(5) if k * 200 + offset < t_b]:
+            tt = torch.full((1,), point)
+            coef = step_coefficients(scheduler, tt, prev, 0.0, 4)
+            expected = (expected - coef.c2 * denoise(expected, tt, {})) / coef.c1
+            prev = tt
+        torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], x0[1])
+    with pytest.raises(ValueError, match="inversion grid"):
+        invert_to_timesteps(denoise, scheduler, x0, {}, timesteps, 5, grid="coarse")

@@ -42,6 +42,7 @@ from diffpo.kernel.trajectory import (
 )
 
 NoisePredictor = Callable[[torch.Tensor], torch.Tensor]
+INVERSION_GRIDS = ("per_sample", "shared")
 
 
 @dataclass
@@ -159,23 +160,39 @@ def invert(denoise: Denoiser, scheduler, latents_0: torch.Tensor, cond: dict, un
 @torch.no_grad()
 def invert_to_timesteps(denoise: Denoiser, scheduler, latents_0: torch.Tensor, cond: dict, timesteps: torch.Tensor,
                         num_steps: int, renoise_steps: int = 2, average_from: int = 0,
-                        prediction_type: str = "epsilon") -> torch.Tensor:
+                        prediction_type: str = "epsilon", grid: str = "per_sample") -> torch.Tensor:
     """x~_t for every sample at its own timestep ``timesteps[b]`` (SmPO's trajectory from inversion):
-    ``num_steps`` ReNoise steps without guidance on the per-sample grid round(t_b k / num_steps),
-    k = 1..num_steps, starting from x_0 at the final alpha. Defaults: one re-prediction per step,
-    averaged with the plain one (diffpo's reading of SmPO's "one ReNoise iteration with averaging")."""
+    ``num_steps`` ReNoise steps without guidance, starting from x_0 at the final alpha, on the
+    per-sample grid round(t_b k / num_steps), k = 1..num_steps (``grid="per_sample"``: x~ lands on t_b),
+    or on the official code's ``grid="shared"``: the inverse-scheduler points k (T / num_steps) +
+    steps_offset below t_b, so x~ stays at the last such point while the loss uses t_b.
+    Defaults: one re-prediction per step, averaged with the plain one (diffpo's reading of SmPO's
+    "one ReNoise iteration with averaging")."""
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be >= 1")
+    if grid not in INVERSION_GRIDS:
+        raise ValueError(f"inversion grid {grid!r} is unknown: use one of {', '.join(INVERSION_GRIDS)}")
     model_dtype = latents_0.dtype
     sample = latents_0.float()
     timesteps = timesteps.long().cpu()
     prev = torch.full_like(timesteps, -1)
+    train_steps = scheduler.config.num_train_timesteps
     for k in range(1, num_steps + 1):
-        t = torch.div(timesteps * k + num_steps // 2, num_steps, rounding_mode="floor")
+        if grid == "per_sample":
+            t = torch.div(timesteps * k + num_steps // 2, num_steps, rounding_mode="floor")
+            active = torch.ones_like(timesteps, dtype=torch.bool)
+        else:  # the official code's: one grid for all, stopping below each sample's timestep
+            point = (k - 1) * (train_steps // num_steps) + scheduler.config.get("steps_offset", 0)
+            active = torch.full_like(timesteps, point) < timesteps
+            if not active.any():
+                break
+            t = torch.where(active, torch.full_like(timesteps, point), prev.clamp(min=0))
         coef = step_coefficients(scheduler, t, prev, 0.0, sample.ndim)
         predict_eps = _noise_predictor(denoise, t.to(sample.device), coef, cond, None, 1.0, prediction_type, model_dtype)
-        sample = renoise_step(predict_eps, coef, sample, renoise_steps, average_from)
-        prev = t
+        stepped = renoise_step(predict_eps, coef, sample, renoise_steps, average_from)
+        mask = active.to(sample.device).view(-1, *[1] * (sample.ndim - 1))
+        sample = torch.where(mask, stepped, sample)
+        prev = torch.where(active, t, prev)
     return sample
 
 

@@ -170,7 +170,8 @@ def _train(config: TrainConfig) -> Path:
         conditioning = stack.family.unet_conditioning(text, time_ids)
         if method.prepare == "inversion":  # SmPO: x_t from inverting x_0 with the current policy, target tau
             noisy = invert_to_timesteps(inverting_policy, inversion_scheduler, noised.latents, conditioning,
-                                        noised.timesteps, config.objective.inversion_steps)
+                                        noised.timesteps, config.objective.inversion_steps,
+                                        grid=config.objective.inversion_grid)
             alphas = stack.noise_scheduler.alphas_cumprod[noised.timesteps.cpu()]
             target = inversion_target(noisy, noised.latents, alphas).to(noised.latents.dtype)
             noised = NoisedPairs(noisy.to(noised.latents.dtype), target, noised.timesteps, noised.latents)
