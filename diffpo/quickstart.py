@@ -61,7 +61,8 @@ class QuickstartConfig:
                 raise ConfigError(f"reward {name!r} is unknown; available: {', '.join(sorted(REWARDS))}")
 
 
-QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo.yaml", "dro": "quickstart_dro.yaml"}
+QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo.yaml", "dro": "quickstart_dro.yaml",
+                      "smpo": "quickstart_smpo.yaml"}
 WINNERS_ONLY = ("seppo", "dro")  # methods that train on preferred images alone (SePPO winners, DRO experts)
 
 

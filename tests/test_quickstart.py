@@ -45,8 +45,8 @@ def test_quickstart_writes_what_it_did(quickstart_run):
     assert (pairs.reward_0 >= pairs.reward_1).all()
 
 
-@pytest.mark.parametrize("method", ["d3po", "seppo", "dro"])
-def test_online_quickstart_presets_run_end_to_end(tmp_path, method):
+@pytest.mark.parametrize("method", ["d3po", "seppo", "dro", "smpo"])
+def test_method_quickstart_presets_run_end_to_end(tmp_path, method):
     """The method's preset (configs/quickstart_<method>.yaml) is picked by `method=`; shortened here
     to a few steps, it trains, evaluates and writes its report (the full runs are the slow tests)."""
     out = tmp_path / method
@@ -59,11 +59,16 @@ def test_online_quickstart_presets_run_end_to_end(tmp_path, method):
     assert summary["method"] == method and summary["train_steps"] == 2
     saved = (out / "train" / "config.yaml").read_text()
     assert f"method: {method}" in saved
-    preset = {"d3po": "beta: 0.1", "seppo": "pool_every: 10", "dro": "margin: 0.01"}[method]
+    preset = {"d3po": "beta: 0.1", "seppo": "pool_every: 10", "dro": "margin: 0.01", "smpo": "score_low: -1.5"}[method]
     assert preset in saved  # the preset, not the DPO default
     assert (out / "report" / "index.html").is_file() and (out / "train" / "final" / "diffpo.json").is_file()
     if method == "d3po":
         assert (out / "train" / "rounds" / "round-0000" / "round.json").is_file() and not (out / "pairs.parquet").exists()
+    elif method == "smpo":  # all pairs of each caption's 4 samples, with both rewards for the soft labels
+        import pandas as pd
+
+        pairs = pd.read_parquet(out / "pairs.parquet")
+        assert {"reward_0", "reward_1"} <= set(pairs.columns) and summary["pairs"] == len(pairs) > 4
     else:  # winners / experts: the best of each caption's samples
         assert (out / "pairs.parquet").is_file() and summary["pairs"] == 4
     if method == "seppo":
