@@ -9,7 +9,12 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-_DISK_FULL = re.compile(r"No space left on device|StorageFull|os error 28|Errno 28")
+# (errno, what the message says, the pattern writers that wrap the OS error put in their message)
+_WRITE_FAILURES = (
+    (errno.ENOSPC, "no space left on device", r"No space left on device|StorageFull|os error 28\b|Errno 28\b"),
+    (errno.EDQUOT, "disk quota exceeded", r"[Dd]isk quota exceeded|QuotaExceeded|os error 122\b|Errno 122\b"),
+    (errno.EFBIG, "file too large (a file-size limit, see ulimit -f)", r"File too large|FileTooLarge|os error 27\b|Errno 27\b"),
+)
 
 
 def user_error_types() -> tuple[type, ...]:
@@ -30,13 +35,33 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def write_failure(error: BaseException) -> str | None:
+    """What a full disk, an exceeded quota or a file-size limit says, whether ``error`` is the
+    OSError itself or a writer's own error wrapping it (safetensors, torch.save); else None."""
+    for number, reason, pattern in _WRITE_FAILURES:
+        if getattr(error, "errno", None) == number or re.search(pattern, str(error)):
+            return reason
+    return None
+
+
 def is_disk_full(error: BaseException) -> bool:
-    """ENOSPC, whether raised as an OSError or wrapped by a writer (safetensors, torch.save)."""
-    return getattr(error, "errno", None) == errno.ENOSPC or bool(_DISK_FULL.search(str(error)))
+    return write_failure(error) is not None
+
+
+NEARLY_FULL_BYTES = 1 << 20  # a disk with less free space than this is taken to be why a write failed
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Free bytes on the disk that holds ``folder`` (or its nearest existing parent)."""
+    import shutil
+
+    path = Path(folder).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    return shutil.disk_usage(existing).free
 
 
 class DiskFullError(OSError):
-    """No space left while writing; the message names the path and what to do."""
+    """Writing failed for lack of space (or a quota / file-size limit); the message names the path and what to do."""
 
 
 @contextmanager
@@ -48,11 +73,16 @@ def disk_full_names(folder: str | Path, then: str = "resume with resume_from=lat
     except DiskFullError:
         raise
     except Exception as error:
-        if not is_disk_full(error):
-            raise
+        reason = write_failure(error)
+        if reason is None:
+            # torch.save reports ENOSPC as "unexpected pos ..." without an errno: judge by the disk itself
+            free = free_bytes(folder)
+            if free >= NEARLY_FULL_BYTES:
+                raise
+            reason = f"no space left on device ({free} bytes free; the writer said: {one_line(error)[:200]})"
         where = getattr(error, "filename", None) or folder
-        raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {str(where)!r}: free space there or "
-                            f"move the output to a larger disk, then {then}") from None
+        raise DiskFullError(errno.ENOSPC, f"{reason} while writing {str(where)!r}: free space there or move the "
+                            f"output to a larger disk, then {then}") from error
 
 
 @contextmanager
@@ -66,7 +96,8 @@ def user_errors():
         if isinstance(error, DiskFullError):
             message = error.strerror
         elif isinstance(error, OSError) and is_disk_full(error):
-            message = f"no space left on device{f' while writing {error.filename!r}' if error.filename else ''}: free space"
+            where = f" while writing {error.filename!r}" if error.filename else ""
+            message = f"{write_failure(error)}{where}: free space or write somewhere else"
         else:
             message = one_line(error)
         print(f"error: {message}", file=sys.stderr)

@@ -79,9 +79,7 @@ def read_image(value, base_dir: Path | None = None, where: str = "image", min_si
         with warnings.catch_warnings():  # PIL warns from 89 MP on; the limit below decides instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = _open(value, base_dir, where)
-        width, height = image.size
-        orientation = image.getexif().get(0x0112) if hasattr(image, "getexif") else None
-        original = (height, width) if orientation in _ROTATING_ORIENTATIONS else (width, height)
+        width, height = image.size  # from the header: nothing is decoded before the limit below
         mode = image.mode
         if min_side and image.format == "JPEG" and width * height > DRAFT_PIXELS and min(width, height) >= 4 * min_side:
             scale = 2 * min_side / min(width, height)
@@ -92,6 +90,8 @@ def read_image(value, base_dir: Path | None = None, where: str = "image", min_si
                 "unusually large scan): downscale it or drop the sample")
         reduced = image.size != (width, height)
         image.load()
+        # after load: a PNG's getexif() decodes the image to look for EXIF behind the pixel data
+        original = (height, width) if image.getexif().get(0x0112) in _ROTATING_ORIENTATIONS else (width, height)
         image = ImageOps.exif_transpose(image)
         return DecodedImage(to_rgb(image), original, mode, reduced)
     except BadSampleError:

@@ -138,15 +138,16 @@ def load_table(source: str, fmt: str = "auto", split: str = "train"):
             raise DataError(f"data.source={source!r}: manifest file does not exist")
         if _jsonl_is_empty(source):
             raise DataError(f"data.source={source!r}: the dataset is empty (no JSON lines)")
+        # checked by hand first: the JSON reader may replace bytes that are not UTF-8 without a word
+        bad = jsonl_problems(source)
+        if bad:
+            line, what = bad[0]
+            raise DataError(f"data.source={source!r}: line {line} is {what}" +
+                            (f" ({len(bad) - 1} more bad lines)" if len(bad) > 1 else "") +
+                            f"; fix or remove them (`diffpo data check {source}` lists all)")
         try:
             return undecoded_images(datasets.load_dataset("json", data_files=source, split="train"))
         except Exception as error:
-            bad = jsonl_problems(source)
-            if bad:
-                line, what = bad[0]
-                raise DataError(f"data.source={source!r}: line {line} is {what}" +
-                                (f" ({len(bad) - 1} more bad lines)" if len(bad) > 1 else "") +
-                                f"; fix or remove them (`diffpo data check {source}` lists all)") from None
             raise DataError(f"data.source={source!r}: could not read it as JSON lines ({_root_cause(error)}); "
                             "every line must be an object with the same column types") from None
     try:

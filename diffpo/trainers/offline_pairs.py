@@ -105,7 +105,8 @@ def _train(config: TrainConfig) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                          collate_fn=collate_pairs, num_workers=config.data.num_workers, drop_last=True)
     if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} pairs do not fill one batch of train_batch_size={config.train_batch_size}")
+        raise ValueError(f"{len(dataset)} pairs do not fill one batch of train_batch_size={config.train_batch_size}: "
+                         "use more pairs or a smaller train_batch_size")
 
     optimizer, lr_schedule, lr = build_optimization(config, params, accelerator)
     unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)

@@ -106,7 +106,10 @@ def checkpoint_count(config) -> int:
 
 
 def _gb(size: float) -> str:
-    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9)):
+        if size >= scale / 10:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size / 1e6:.3g} MB"
 
 
 def check_free_space(run_dir: Path, trainable_bytes: int, config) -> None:
@@ -115,7 +118,7 @@ def check_free_space(run_dir: Path, trainable_bytes: int, config) -> None:
     fp32 bytes; 4x with EMA); ``final/`` holds the weights once more."""
     per_checkpoint = trainable_bytes * (4 if config.ema.enabled else 3)
     count = checkpoint_count(config)
-    needed = per_checkpoint * count + trainable_bytes
+    needed = int((per_checkpoint * count + trainable_bytes) * 1.1)  # +10%: RNG and scheduler states, metrics, config
     existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
     free = shutil.disk_usage(existing).free
     if needed > free:
