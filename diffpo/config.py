@@ -95,6 +95,7 @@ class DataConfig:
     score_columns: list[str] | None = None  # reward scores of image 0 and image 1 (SmPO, MADPO), e.g. [pickscore_0, pickscore_1]
     curriculum_stages: int = 0  # Curry-DPO: first pass easy -> hard by score margin in this many stages (0: off)
     feedback_column: str | None = None  # Diffusion-KTO on unpaired data: one image per row, this column 1 (desirable) / 0
+    allow_empty_captions: bool = False  # true: an empty caption is an unconditional sample, not a bad one
     skip_bad_samples: bool = True  # corrupt images / empty or non-UTF-8 captions: skipped, counted, listed in RUN_DIR/bad_samples.jsonl (false: fatal)
 
     def __post_init__(self):

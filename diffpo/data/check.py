@@ -246,7 +246,8 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
                 bad = True
         if data.caption_column in present:
             try:
-                caption_text(record.get(data.caption_column), where=f"{where} column {data.caption_column}")
+                caption_text(record.get(data.caption_column), f"{where} column {data.caption_column}",
+                             data.allow_empty_captions)
             except BadSampleError as error:
                 kind = "caption_not_utf8" if "UTF-8" in str(error) else "empty_caption"
                 report.add(kind, str(error), row, where)

@@ -151,8 +151,9 @@ def resized_shape(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return max(resolution, round(h * scale)), max(resolution, round(w * scale))
 
 
-def caption_text(value, where: str = "caption") -> str:
-    """A caption as a non-empty str; bytes must be UTF-8. Raises ``BadSampleError`` otherwise."""
+def caption_text(value, where: str = "caption", allow_empty: bool = False) -> str:
+    """A caption as a non-empty str (``allow_empty``: or empty); bytes must be UTF-8. Raises
+    ``BadSampleError`` otherwise."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
             value = bytes(value).decode("utf-8")
@@ -160,12 +161,16 @@ def caption_text(value, where: str = "caption") -> str:
             raise BadSampleError(f"{where}: not valid UTF-8 (byte 0x{bytes(value)[error.start]:02x} at position "
                                  f"{error.start}): re-encode the captions as UTF-8") from None
     if value is None:
-        raise BadSampleError(f"{where}: the caption is missing (null)")
+        if allow_empty:
+            return ""
+        raise BadSampleError(f"{where}: the caption is missing (null); set data.allow_empty_captions=true if "
+                             "that is meant (unconditional samples)")
     text = str(value)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates, e.g. JSON "\udcff" from bytes decoded with surrogateescape
         raise BadSampleError(f"{where}: the caption holds characters that are not valid UTF-8 (lone surrogates)") from None
-    if not text.strip():
-        raise BadSampleError(f"{where}: the caption is empty")
+    if not text.strip() and not allow_empty:
+        raise BadSampleError(f"{where}: the caption is empty; set data.allow_empty_captions=true if that is meant "
+                             "(unconditional samples)")
     return text

@@ -190,6 +190,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         score_columns: list[str] | None = None,
         feedback_column: str | None = None,
         skip_bad_samples: bool = True,
+        allow_empty_captions: bool = False,
     ):
         # winners_only (SePPO): only the preferred image is read; a plain image+caption table
         # (no image_1 / label column) counts as all winners. feedback_column (Diffusion-KTO, unpaired):
@@ -233,7 +234,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.base_dir = Path(base_dir) if base_dir else None
         self.winners_only = winners_only
         self.score_columns = score_columns
-        self.skip_bad_samples = skip_bad_samples
+        self.skip_bad_samples, self.allow_empty_captions = skip_bad_samples, allow_empty_captions
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -255,7 +256,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         """The caption of pair ``index`` for messages and logs ('' when it is unusable)."""
         row = int(self.rows[index])
         try:
-            return caption_text(self.table[row][self.columns[2]])
+            return caption_text(self.table[row][self.columns[2]], allow_empty=self.allow_empty_captions)
         except BadSampleError:
             return ""
 
@@ -288,7 +289,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         first, second = (col0, col1) if label >= 0.5 else (col1, col0)
         rng = np.random.default_rng([self.seed, self.epoch, index, 0])
         flips = flip_decisions(self.seed, self.epoch, index, self.flip)
-        caption = caption_text(record[col_caption], where=f"row {row} column {col_caption}")
+        caption = caption_text(record[col_caption], f"row {row} column {col_caption}", self.allow_empty_captions)
         item = {"index": index, "caption": caption, "label": float(label)}
         if self.feedback is not None:
             item["desirable"] = float(self.feedback[row])
@@ -357,4 +358,5 @@ def build_pairs(data_config, resolution: int, seed: int, winners_only: bool = Fa
         score_columns=data_config.score_columns,
         feedback_column=data_config.feedback_column,
         skip_bad_samples=data_config.skip_bad_samples,
+        allow_empty_captions=data_config.allow_empty_captions,
     )
