@@ -68,10 +68,14 @@ class DiskFullError(OSError):
 def disk_full_names(folder: str | Path, then: str = "resume with resume_from=latest"):
     """Turn a full disk while writing into ``folder`` (any writer's error type) into a
     ``DiskFullError`` naming the file (when the OS gave one) or ``folder``, and ``then``: how to go on."""
+    from diffpo.config import ConfigError
+    from diffpo.data.images import BadSampleError
+    from diffpo.data.pairs import DataError
+
     try:
         yield
-    except DiskFullError:
-        raise
+    except (DiskFullError, ConfigError, DataError, BadSampleError, FloatingPointError):
+        raise  # diffpo's own messages already say what happened
     except Exception as error:
         reason = write_failure(error)
         if reason is None:

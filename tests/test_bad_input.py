@@ -437,6 +437,11 @@ def test_data_check_of_a_clean_dataset_exits_zero(ctx):
     code, out, _ = run_cli("data", "check", ctx.good, "--out", ctx.tmp / "ok.json", "--no-progress")
     report = json.loads((ctx.tmp / "ok.json").read_text())
     assert code == 0 and report["ok"] and report["usable_pairs"] == 32 and "0 problem(s)" in out
+    blank = with_row(ctx.tmp, caption="")
+    assert run_cli("data", "check", blank, "--out", ctx.tmp / "b.json", "--no-progress")[0] == 1
+    assert run_cli("data", "check", blank, "allow_empty_captions=true", "--out", ctx.tmp / "b.json", "--no-progress")[0] == 0
+    code, out, _ = run_cli("data", "check", "--help")
+    assert code == 0 and "usage: diffpo data check" in out
 
 
 # ---- stale caches and resumes that are fine ---------------------------------------------------

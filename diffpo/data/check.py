@@ -22,7 +22,7 @@ from diffpo.data.images import BadSampleError, caption_text, read_image
 from diffpo.data.pairs import (
     VALID_LABELS,
     DataError,
-    _detect_format,
+    detect_format,
     load_table,
     parquet_files,
     parquet_rows,
@@ -179,7 +179,7 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
     if not source:
         report.add("unreadable", "no dataset given (data.source is empty)")
         return report
-    fmt = _detect_format(source) if data.format == "auto" else data.format
+    fmt = detect_format(source) if data.format == "auto" else data.format
     base_dir = Path(source).parent if fmt == "jsonl" else None
     if fmt == "jsonl":
         if not os.path.isfile(source):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 64_000_000  # decoded pixels one image may occupy (~256 MB as RGBA); larger ones are refused, not loaded
 DRAFT_PIXELS = 16_000_000  # JPEGs above this are decoded at a reduced scale; smaller ones exactly as stored
@@ -98,6 +98,8 @@ def read_image(value, base_dir: Path | None = None, where: str = "image", min_si
         raise
     except Image.DecompressionBombError as error:
         raise BadSampleError(f"{where}: refused as a decompression bomb ({error})") from None
+    except UnidentifiedImageError:
+        raise BadSampleError(f"{where}: corrupt or truncated image (not in any image format PIL reads)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise BadSampleError(f"{where}: corrupt or truncated image ({error})") from None
 

@@ -38,7 +38,7 @@ def numeric_column(table, column: str) -> np.ndarray:
         raise
 
 
-def _detect_format(source: str) -> str:
+def detect_format(source: str) -> str:
     if source.endswith((".jsonl", ".json")):
         return "jsonl"
     if source.endswith(".parquet") or os.path.isdir(source) or any(ch in source for ch in "*?["):
@@ -119,7 +119,7 @@ def load_table(source: str, fmt: str = "auto", split: str = "train"):
 
     if not source:
         raise DataError("data.source is empty: set it to a parquet file/folder, a .jsonl manifest or a datasets id")
-    fmt = _detect_format(source) if fmt == "auto" else fmt
+    fmt = detect_format(source) if fmt == "auto" else fmt
     datasets.disable_progress_bars()
     if fmt == "parquet":
         files = parquet_files(source)
