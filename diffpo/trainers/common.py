@@ -23,7 +23,9 @@ def prepare_run_dir(config, is_main: bool) -> Path:
     from diffpo.trainers.preflight import check_resume_config, output_dir_error
 
     run_dir = Path(config.output_dir)
-    changed = check_resume_config(config, run_dir)  # before config.yaml, the saved run's config, is overwritten
+    # before config.yaml, the saved run's config, is overwritten (main only: the others would race that write;
+    # a launcher stops them when the main process fails)
+    changed = check_resume_config(config, run_dir) if is_main else []
     if is_main:
         if changed:
             print(f"note: resuming with changed settings: {'; '.join(changed)}")
