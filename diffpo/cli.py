@@ -11,25 +11,60 @@ OVERRIDES_HELP = "key=value overrides with dotted keys, e.g. optim.lr=1e-5 data.
 
 def _train(args) -> None:
     from diffpo.config import TrainConfig, load_config
+    from diffpo.errors import disk_full_names
     from diffpo.trainers import run_training
 
     config = load_config(TrainConfig, args.config, args.overrides)
-    run_dir = run_training(config)
+    with disk_full_names(config.output_dir):
+        run_dir = run_training(config)
     print(f"run written to {run_dir} (final weights in {run_dir / 'final'})")
 
 
 def _cache(args) -> None:
     from diffpo.config import TrainConfig, load_config
-    from diffpo.data.cache import build_cache
+    from diffpo.data.cache import build_cache, cached_bad_samples
     from diffpo.data.pairs import build_pairs
+    from diffpo.errors import disk_full_names
     from diffpo.models.loading import load_stack
 
     config = load_config(TrainConfig, args.config, args.overrides)
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
                        config.model.prediction_type, config.model.vae)
     pairs = build_pairs(config.data, config.data.resolution or stack.native_resolution, config.seed)
-    folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size)
-    print(f"cache of {len(pairs)} pairs in {folder}")
+    with disk_full_names(config.cache.dir, then="rerun `diffpo cache` (finished shards are kept)"):
+        folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size)
+    bad = len(cached_bad_samples(folder))
+    print(f"cache of {len(pairs)} pairs in {folder}" + (f" ({bad} bad samples skipped, listed in {folder}/bad_samples.jsonl)" if bad else ""))
+
+
+def _data_check(args) -> None:
+    import os
+
+    from diffpo.config import DataConfig, TrainConfig, apply_overrides, from_dict, load_config, to_dict
+    from diffpo.data.check import check_dataset, write_report
+
+    data, winners_only = {}, False
+    if args.config:
+        from diffpo.objectives import METHODS
+
+        train = load_config(TrainConfig, args.config)
+        data = to_dict(train.data)
+        winners_only = METHODS[train.method].loop == "online" and train.method != "d3po"  # SePPO, DRO: winners only
+    overrides = list(args.overrides)
+    if args.source and "=" in args.source and not os.path.exists(args.source):  # only overrides were given
+        overrides.insert(0, args.source)
+    elif args.source:
+        data["source"] = args.source
+    overrides = [o[len("data."):] if o.startswith("data.") else o for o in overrides]
+    config = from_dict(DataConfig, apply_overrides(data, overrides))
+    if not config.source:
+        raise ValueError("name the dataset: diffpo data check DATASET (or --config CONFIG with data.source)")
+    report = check_dataset(config, winners_only, args.max_rows, images=not args.no_images, progress=not args.no_progress)
+    path = write_report(report, args.out)
+    print("\n".join(report.summary_lines()))
+    print(f"report: {path}")
+    if not report.ok:
+        raise SystemExit(1)
 
 
 def _quickstart(args) -> None:
@@ -62,11 +97,13 @@ def _data_top_k(args) -> None:
 
 
 def _eval(args) -> None:
+    from diffpo.errors import disk_full_names
     from diffpo.eval.config import load_eval_config
     from diffpo.eval.runner import run_eval
 
     config = load_eval_config(args.config, args.overrides)
-    result = run_eval(config)
+    with disk_full_names(config.output_dir, then="rerun the same config (finished images are kept)"):
+        result = run_eval(config)
     baseline, metrics = result["baseline"], result["metrics"]
     for metric in metrics:
         parts = [f"{m} {s['mean']:.4g} [{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}]" for m, s in result["summary"][metric].items()]
@@ -207,11 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: any free port)")
     label.set_defaults(func=_label)
 
-    data = commands.add_parser("data", help="build datasets: top-k expert images by a reward head",
-                               description="Dataset tools. `diffpo data top-k` keeps the K best distinct images of a "
+    data = commands.add_parser("data", help="dataset tools: check a dataset for problems, top-k expert images",
+                               description="Dataset tools. `diffpo data check DATASET` lists every problem of a "
+                                           "preference dataset at once. `diffpo data top-k` keeps the K best distinct images of a "
                                            "Pick-a-Pic-format parquet / JSONL / datasets id by a reward head and writes "
                                            "an image+caption parquet (jpg_0, caption, the score, source_row, source_column).")
     data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser(
+        "check", help="list every problem of a preference dataset at once (exit 1 when there are any)",
+        description="Read DATASET (parquet file/folder/glob such as a Pick-a-Pic download, a .jsonl manifest, or a "
+                    "datasets id) as training would and report ALL its problems: unreadable files or JSONL lines, "
+                    "missing columns, no rows, all pairs ties, labels outside {0, 0.5, 1}, corrupt/truncated/oversized "
+                    "images, empty or non-UTF-8 captions, non-numeric scores. Writes a JSON report with every "
+                    "problem's row (or line); exits 1 when there is any problem, 0 when the dataset is clean.")
+    check.add_argument("source", nargs="?", default=None, help="the dataset (default: data.source of --config)")
+    check.add_argument("overrides", nargs="*",
+                       help="data settings as key=value (the data section of a training config), e.g. "
+                            "caption_column=prompt keep_ties=true resolution=1024")
+    check.add_argument("--config", default=None, help="a training config whose data section (columns, method) to use")
+    check.add_argument("--out", default="data_check.json", help="report file (default data_check.json)")
+    check.add_argument("--max-rows", type=int, default=None, help="check only the first N rows")
+    check.add_argument("--no-images", action="store_true", help="do not decode images (columns, labels, captions only)")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check.set_defaults(func=_data_check)
     top_k = data_commands.add_parser("top-k", help="the K best images by a reward head, as an image+caption parquet",
                                      description="Score every distinct image of SOURCE with --reward and keep the best --k.")
     top_k.add_argument("--source", required=True, help="parquet file/folder/glob, a .jsonl manifest, or a datasets id")

@@ -95,6 +95,8 @@ class DataConfig:
     score_columns: list[str] | None = None  # reward scores of image 0 and image 1 (SmPO, MADPO), e.g. [pickscore_0, pickscore_1]
     curriculum_stages: int = 0  # Curry-DPO: first pass easy -> hard by score margin in this many stages (0: off)
     feedback_column: str | None = None  # Diffusion-KTO on unpaired data: one image per row, this column 1 (desirable) / 0
+    allow_empty_captions: bool = False  # true: an empty caption is an unconditional sample, not a bad one
+    skip_bad_samples: bool = True  # corrupt images / empty or non-UTF-8 captions: skipped, counted, listed in RUN_DIR/bad_samples.jsonl (false: fatal)
 
     def __post_init__(self):
         if self.curriculum_stages < 0:
@@ -205,6 +207,12 @@ class OnlineConfig:
             raise ConfigError(f"online.eta={self.eta} must lie in [0, 1]")
         if self.preference == "reward" and not self.rewards:
             raise ConfigError("online.rewards is empty: name at least one reward head (see diffpo.rewards.REWARDS)")
+        if self.preference == "reward":
+            from diffpo.rewards import REWARDS
+
+            for name in self.rewards:
+                if name not in REWARDS:
+                    raise ConfigError(f"online.rewards: reward {name!r} is unknown{_suggest(name, REWARDS)}")
 
 
 @dataclass
@@ -302,7 +310,16 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 
 
+# names other trainers use for a diffpo key: suggested when spelling alone does not find it
+ALIASES = {"learning_rate": "lr", "batch_size": "train_batch_size", "per_device_train_batch_size": "train_batch_size",
+           "max_train_steps": "max_steps", "num_train_steps": "max_steps", "steps": "max_steps",
+           "gradient_accumulation": "gradient_accumulation_steps", "pretrained_model_name_or_path": "pretrained",
+           "dataset": "source", "dataset_name": "source", "beta_dpo": "beta", "output": "output_dir"}
+
+
 def _suggest(name: str, options) -> str:
+    if ALIASES.get(name) in options:
+        return f"; did you mean {ALIASES[name]!r}?"
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     listed = ", ".join(sorted(options))
     return f"; did you mean {close[0]!r}?" if close else f"; valid: {listed}"

@@ -181,7 +181,8 @@ def test_prompt_dropout_one_equals_training_on_empty_captions(tmp_path, tiny_sd_
     captioned = write_pairs_parquet(tmp_path / "captioned.parquet", rows)
     empty = write_pairs_parquet(tmp_path / "empty.parquet", [{**r, "caption": ""} for r in rows])
     dropped = _metrics(run_training(_config(tmp_path, tiny_sd_dir, captioned, "drop", "data.prompt_dropout=1.0", "max_steps=3")))
-    blank = _metrics(run_training(_config(tmp_path, tiny_sd_dir, empty, "blank", "max_steps=3")))
+    blank = _metrics(run_training(_config(tmp_path, tiny_sd_dir, empty, "blank", "max_steps=3",
+                                          "data.allow_empty_captions=true")))
     kept = _metrics(run_training(_config(tmp_path, tiny_sd_dir, captioned, "kept", "max_steps=3")))
     assert [m["loss"] for m in dropped] == pytest.approx([m["loss"] for m in blank], rel=1e-6)
     assert [m["loss"] for m in kept] != pytest.approx([m["loss"] for m in blank], rel=1e-6)

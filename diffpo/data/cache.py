@@ -3,10 +3,13 @@
 ``diffpo cache CONFIG`` (or ``cache.enabled: true`` in a training config) encodes every pair once;
 training from the cache then never runs the VAE encoder or the text encoders. The cache folder is
 named by a hash of everything that changes its contents (model source and revision, VAE and text
-encoder configs, resolution, crop, flip views, dataset fingerprint and selected rows, dtype), so a
-stale cache is never reused: a change makes a new key. ``meta.json`` is written last and marks a
-complete cache; shards are written to a temporary name and renamed, so an interrupted build
-resumes from the last whole shard.
+encoder configs and a fingerprint of their weights, resolution, crop, flip views, dataset
+fingerprint and selected rows, dtype), so a stale cache is never reused: a change makes a new key,
+even for a model replaced in place. ``meta.json`` is written last, marks a complete cache and
+records what it was built for; a cache folder passed where the cache root belongs is checked
+against it and refused, naming the difference, when it was built for another model or data.
+Shards are written to a temporary name and renamed, so an interrupted build resumes from the last
+whole shard; each shard's metadata lists the bad samples it skipped (``bad_samples.jsonl``).
 """
 
 from __future__ import annotations
@@ -21,21 +24,38 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from diffpo.data.pairs import PreferencePairs, collate_pairs, flip_decisions
+from diffpo.data.bad_samples import BAD_SAMPLES_FILE, skipped_records
+from diffpo.data.pairs import DataError, PreferencePairs, collate_pairs, flip_decisions
 from diffpo.dtypes import DTYPES
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+BUILT_FOR = ("source", "revision", "family", "weights", "resolution", "crop", "flip_views", "dataset", "rows", "dtype",
+             "version")  # what meta.json records and a stale-cache message compares
 
 
-def cache_key(stack, dataset: PreferencePairs, dtype: str) -> str:
-    """A hash of everything the cached tensors depend on."""
-    content = {
+def weights_fingerprint(modules, samples: int = 4096) -> str:
+    """A hash of every parameter's shape and ``samples`` evenly strided values: cheap (no full
+    pass over the weights) and different for any retrained or replaced encoder."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            stride = max(1, flat.numel() // samples)
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(flat[::stride].to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_content(stack, dataset: PreferencePairs, dtype: str) -> dict:
+    """Everything the cached tensors depend on."""
+    return {
         "version": FORMAT_VERSION,
         "source": stack.source,
         "revision": stack.revision,
         "family": stack.family.name,
         "vae": dict(stack.vae.config),
         "text_encoders": [enc.config.to_dict() for enc in stack.text_encoders],
+        "weights": weights_fingerprint([stack.vae, *stack.text_encoders]),
         "resolution": dataset.resolution,
         "crop": dataset.crop,
         "flip_views": dataset.flip != "none",
@@ -44,22 +64,55 @@ def cache_key(stack, dataset: PreferencePairs, dtype: str) -> str:
         "rows": hashlib.sha256(dataset.rows.tobytes()).hexdigest(),
         "dtype": dtype,
     }
-    blob = json.dumps(content, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _key(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_key(stack, dataset: PreferencePairs, dtype: str) -> str:
+    """A hash of everything the cached tensors depend on."""
+    return _key(cache_content(stack, dataset, dtype))
+
+
+def _built_for(content: dict) -> dict:
+    return {name: content[name] for name in BUILT_FOR}
+
+
+def check_not_stale(folder: Path, content: dict) -> None:
+    """Refuse the complete cache ``folder`` unless it was built for ``content`` (this run's model and data)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("key") == _key(content):
+        return
+    built = meta.get("built_for") or {"version": meta.get("version"), "source": meta.get("source"),
+                                      "resolution": meta.get("resolution"), "dtype": meta.get("dtype")}
+    wanted = _built_for(content)
+    differing = [name for name in BUILT_FOR if built.get(name) != wanted[name]] or ["model or data configuration"]
+    shown = ", ".join(f"{name} {built.get(name)!r} != {wanted[name]!r}" if name in wanted else name for name in differing)
+    raise DataError(f"cache {str(folder)!r} is stale: it was built for another model or data ({shown}); set "
+                    f"cache.dir to the cache root (e.g. {str(folder.parent)!r}) so a matching cache is built, or delete it")
 
 
 def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: str = "fp32", shard_size: int = 1024,
                 batch_size: int = 16, progress: bool = True) -> Path:
-    """Encode ``dataset`` into ``cache_root/<key>/``; returns the folder (reused when complete)."""
-    folder = Path(cache_root) / cache_key(stack, dataset, dtype)
+    """Encode ``dataset`` into ``cache_root/<key>/``; returns the folder (reused when complete).
+
+    ``cache_root`` may itself be a complete cache folder: it is used when it matches, refused
+    (``DataError`` naming what differs) when it was built for another model or data."""
+    content = cache_content(stack, dataset, dtype)
+    if (Path(cache_root) / "meta.json").is_file():
+        check_not_stale(Path(cache_root), content)
+        return Path(cache_root)
+    folder = Path(cache_root) / _key(content)
     if (folder / "meta.json").is_file():
+        check_not_stale(folder, content)
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     store = DTYPES[dtype]
     views = dataset.flip != "none"
     saved_flip, saved_epoch = dataset.flip, dataset.epoch
     dataset.flip = "none"  # the cache holds the plain view (and the mirrored one when flipping)
-    shards = []
+    shards, skipped = [], []
     try:
         bar = tqdm(total=len(dataset), desc="cache", disable=not progress)
         for shard_index, start in enumerate(range(0, len(dataset), shard_size)):
@@ -67,18 +120,22 @@ def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: 
             stop = min(start + shard_size, len(dataset))
             shards.append({"file": name, "start": start, "stop": stop})
             if (folder / name).is_file():
+                skipped.extend(json.loads(safe_open(str(folder / name), framework="pt").metadata().get("skipped", "[]")))
                 bar.update(stop - start)
                 continue
             parts: dict[str, list[torch.Tensor]] = {}
+            shard_skipped = []
             for b in range(start, stop, batch_size):
                 batch = collate_pairs([dataset[i] for i in range(b, min(b + batch_size, stop))])
+                shard_skipped.extend(skipped_records(batch))
                 for key, value in encode_batch(stack, batch, views).items():
                     parts.setdefault(key, []).append(value.to("cpu", store if value.is_floating_point() else value.dtype))
                 bar.update(len(batch["index"]))
             tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
             tmp = folder / (name + ".tmp")
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata={"skipped": json.dumps(shard_skipped)})
             os.replace(tmp, folder / name)
+            skipped.extend(shard_skipped)
         bar.close()
         empty = stack.encode_prompts([""])
         empty_tensors = {"hidden": empty.hidden.cpu().to(store).contiguous()}
@@ -87,10 +144,21 @@ def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: 
         save_file(empty_tensors, str(folder / "empty_prompt.safetensors"))
     finally:
         dataset.flip, dataset.epoch = saved_flip, saved_epoch
-    meta = {"version": FORMAT_VERSION, "pairs": len(dataset), "views": 2 if views else 1, "shards": shards,
+    distinct = list({record["row"]: record for record in skipped}.values())
+    (folder / BAD_SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in distinct), encoding="utf-8")
+    meta = {"version": FORMAT_VERSION, "key": _key(content), "pairs": len(dataset), "views": 2 if views else 1,
+            "shards": shards, "bad_samples": len(distinct), "built_for": _built_for(content),
             "source": stack.source, "resolution": dataset.resolution, "dtype": dtype}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return folder
+
+
+def cached_bad_samples(folder: str | Path) -> list[dict]:
+    """The ``{"row", "error"}`` records of the bad samples skipped while building the cache."""
+    path = Path(folder) / BAD_SAMPLES_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def encode_batch(stack, batch: dict, flip_views: bool) -> dict[str, torch.Tensor]:
@@ -119,6 +187,12 @@ class CachedPairs(torch.utils.data.Dataset):
         if not meta_path.is_file():
             raise FileNotFoundError(f"{self.folder} is not a complete diffpo cache (no meta.json): rerun `diffpo cache`")
         self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("version") != FORMAT_VERSION:
+            raise DataError(f"cache {str(self.folder)!r} has format version {self.meta.get('version')}, this diffpo "
+                            f"reads {FORMAT_VERSION}: delete it and rerun `diffpo cache`")
+        if self.meta["pairs"] != len(captions):
+            raise DataError(f"cache {str(self.folder)!r} holds {self.meta['pairs']} pairs but the dataset has "
+                            f"{len(captions)}: it is stale; delete it and rerun `diffpo cache`")
         if flip != "none" and self.meta["views"] < 2:
             raise ValueError(f"cache {self.folder} was built without mirrored views; rebuild it with data.flip={flip}")
         self.captions, self.flip, self.seed, self.epoch = captions, flip, seed, 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffpo.data.images import decode_image, resize_and_crop, resized_shape
+from diffpo.data.images import BadSampleError, caption_text, read_image, resize_and_crop, resized_shape
 
 VALID_LABELS = (0.0, 0.5, 1.0)
 
@@ -24,7 +24,21 @@ class DataError(ValueError):
     """A dataset problem (missing column, no pairs left); the message says what to change."""
 
 
-def _detect_format(source: str) -> str:
+def numeric_column(table, column: str) -> np.ndarray:
+    """A column as float64 (null -> NaN); DataError naming the first row that is not a number."""
+    values = table[column]
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        for row, value in enumerate(values):
+            try:
+                float(value)
+            except (TypeError, ValueError):
+                raise DataError(f"column {column} must hold numbers; row {row} has {value!r}") from None
+        raise
+
+
+def detect_format(source: str) -> str:
     if source.endswith((".jsonl", ".json")):
         return "jsonl"
     if source.endswith(".parquet") or os.path.isdir(source) or any(ch in source for ch in "*?["):
@@ -32,30 +46,116 @@ def _detect_format(source: str) -> str:
     return "hub"
 
 
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause: ``datasets`` wraps the reader's error in its own."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()
+    return f"{error.__class__.__name__}: {text[0]}" if text else error.__class__.__name__
+
+
+def parquet_files(source: str) -> list[str]:
+    """The parquet files ``source`` (a file, a folder searched recursively, or a glob) names, sorted."""
+    if os.path.isdir(source):
+        return sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True))
+    return sorted(glob.glob(source))
+
+
+def parquet_rows(path: str) -> int:
+    """Rows of a parquet file, from its footer; DataError naming the file when it is not parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as error:  # pyarrow raises ArrowInvalid / OSError for truncated or foreign files
+        raise DataError(f"{path}: not a readable parquet file ({_root_cause(error)}): re-export or remove it") from None
+
+
+def jsonl_problems(path: str, limit: int | None = None) -> list[tuple[int, str]]:
+    """(line number, problem) for lines of a JSONL manifest that are not UTF-8 JSON objects."""
+    import json
+
+    problems = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                problems.append((number, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"))
+            except ValueError as error:
+                problems.append((number, f"not valid JSON ({error})"))
+            else:
+                if not isinstance(record, dict):
+                    problems.append((number, f"a JSON {type(record).__name__}, not an object of column values"))
+            if limit is not None and len(problems) >= limit:
+                break
+    return problems
+
+
+def _jsonl_is_empty(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return not any(line.strip() for line in handle)
+
+
+def undecoded_images(table):
+    """``table`` with its ``datasets.Image`` columns left encoded: diffpo decodes each image itself,
+    so a corrupt one becomes a ``BadSampleError`` naming its row instead of a crash inside ``datasets``."""
+    import datasets
+
+    for name, feature in table.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            table = table.cast_column(name, datasets.Image(decode=False))
+    return table
+
+
 def load_table(source: str, fmt: str = "auto", split: str = "train"):
-    """A ``datasets.Dataset`` from a parquet file/folder/glob, a JSONL manifest or a hub id."""
+    """A ``datasets.Dataset`` from a parquet file/folder/glob, a JSONL manifest or a hub id.
+
+    Empty parquet files (0 rows) are left out; a source with no rows at all, an unreadable file or a
+    JSONL line that is not UTF-8 JSON raises ``DataError`` naming the file (and line)."""
     import datasets
 
     if not source:
         raise DataError("data.source is empty: set it to a parquet file/folder, a .jsonl manifest or a datasets id")
-    fmt = _detect_format(source) if fmt == "auto" else fmt
+    fmt = detect_format(source) if fmt == "auto" else fmt
     datasets.disable_progress_bars()
     if fmt == "parquet":
-        files = sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True)) if os.path.isdir(source) else sorted(glob.glob(source))
+        files = parquet_files(source)
         if not files:
             raise DataError(f"data.source={source!r}: no parquet files found there")
-        return datasets.load_dataset("parquet", data_files=files, split="train")
+        files = [f for f in files if parquet_rows(f) > 0]  # datasets cannot read a 0-row file
+        if not files:
+            raise DataError(f"data.source={source!r}: the dataset is empty (its parquet files hold 0 rows)")
+        try:
+            return undecoded_images(datasets.load_dataset("parquet", data_files=files, split="train"))
+        except Exception as error:
+            raise DataError(f"data.source={source!r}: could not read the parquet files ({_root_cause(error)}); "
+                            "check them with `diffpo data check`") from None
     if fmt == "jsonl":
         if not os.path.isfile(source):
             raise DataError(f"data.source={source!r}: manifest file does not exist")
-        return datasets.load_dataset("json", data_files=source, split="train")
+        if _jsonl_is_empty(source):
+            raise DataError(f"data.source={source!r}: the dataset is empty (no JSON lines)")
+        # checked by hand first: the JSON reader may replace bytes that are not UTF-8 without a word
+        bad = jsonl_problems(source)
+        if bad:
+            line, what = bad[0]
+            raise DataError(f"data.source={source!r}: line {line} is {what}" +
+                            (f" ({len(bad) - 1} more bad lines)" if len(bad) > 1 else "") +
+                            f"; fix or remove them (`diffpo data check {source}` lists all)")
+        try:
+            return undecoded_images(datasets.load_dataset("json", data_files=source, split="train"))
+        except Exception as error:
+            raise DataError(f"data.source={source!r}: could not read it as JSON lines ({_root_cause(error)}); "
+                            "every line must be an object with the same column types") from None
     try:
-        return datasets.load_dataset(source, split=split)
+        return undecoded_images(datasets.load_dataset(source, split=split))
     except Exception as error:
-        raise DataError(
-            f"data.source={source!r}: could not load it as a datasets id ({error.__class__.__name__}); "
-            "check the id and network, or pass local parquet files"
-        ) from None
+        from diffpo.hub import unreachable
+
+        raise DataError(f"data.source: {unreachable('the dataset', source, error, 'local parquet files', 'dataset')}") from None
 
 
 def flip_decisions(seed: int, epoch: int, index: int, mode: str) -> tuple[bool, bool]:
@@ -89,6 +189,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         winners_only: bool = False,
         score_columns: list[str] | None = None,
         feedback_column: str | None = None,
+        skip_bad_samples: bool = True,
+        allow_empty_captions: bool = False,
     ):
         # winners_only (SePPO): only the preferred image is read; a plain image+caption table
         # (no image_1 / label column) counts as all winners. feedback_column (Diffusion-KTO, unpaired):
@@ -108,17 +210,18 @@ class PreferencePairs(torch.utils.data.Dataset):
                 f"dataset is missing column(s) {missing}; it has {table.column_names}: set data.image_0_column / "
                 "image_1_column / label_column / caption_column"
             )
-        labels = np.ones(len(table)) if plain else np.asarray(table[label_column], dtype=np.float64)
+        labels = np.ones(len(table)) if plain else numeric_column(table, label_column)
         self.feedback = None
         if feedback_column is not None:
-            self.feedback = np.asarray(table[feedback_column], dtype=np.float64)
+            self.feedback = numeric_column(table, feedback_column)
             bad = ~np.isin(self.feedback, (0.0, 1.0))
             if bad.any():
                 raise DataError(f"{feedback_column} must be 1 (desirable) or 0 (undesirable); row {int(np.argmax(bad))} "
                                 f"has {self.feedback[bad][0]}")
         bad = ~np.isin(labels, VALID_LABELS)
         if bad.any():
-            raise DataError(f"{label_column} must be 0, 0.5 or 1; row {int(np.argmax(bad))} has {labels[bad][0]}")
+            raise DataError(f"{label_column} must be 0, 0.5 or 1 but {int(bad.sum())} row(s) are not (first: row "
+                            f"{int(np.argmax(bad))} has {labels[bad][0]}): fix or drop them, or set data.label_column")
         rows = np.arange(len(labels)) if keep_ties else np.flatnonzero(labels != 0.5)
         if max_pairs is not None:
             rows = rows[:max_pairs]
@@ -131,6 +234,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.base_dir = Path(base_dir) if base_dir else None
         self.winners_only = winners_only
         self.score_columns = score_columns
+        self.skip_bad_samples, self.allow_empty_captions = skip_bad_samples, allow_empty_captions
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -149,9 +253,35 @@ class PreferencePairs(torch.utils.data.Dataset):
         return sign * (score_0 - score_1)
 
     def caption(self, index: int) -> str:
-        return str(self.table[int(self.rows[index])][self.columns[2]] or "")
+        """The caption of pair ``index`` for messages and logs ('' when it is unusable)."""
+        row = int(self.rows[index])
+        try:
+            return caption_text(self.table[row][self.columns[2]], allow_empty=self.allow_empty_captions)
+        except BadSampleError:
+            return ""
 
     def __getitem__(self, index: int) -> dict:
+        """Pair ``index``; with ``skip_bad_samples`` a bad pair (corrupt image, empty or non-UTF-8
+        caption) is replaced by the next good one in index order, and the item's ``skipped`` lists
+        the bad ones passed over (``{"row", "error"}``), so a loader batch keeps its size and a
+        resumed run meets the same replacements. Without it the first bad pair raises."""
+        skipped = []
+        for offset in range(len(self.rows)):
+            candidate = (index + offset) % len(self.rows)
+            try:
+                item = self._item(candidate)
+            except BadSampleError as error:
+                if not self.skip_bad_samples:
+                    raise BadSampleError(f"{error} (data.skip_bad_samples=false; set it to true to skip such "
+                                         "samples, or list every problem with `diffpo data check`)") from None
+                skipped.append({"row": int(self.rows[candidate]), "error": str(error)})
+                continue
+            item["skipped"] = skipped
+            return item
+        raise DataError(f"every one of the {len(self.rows)} pairs is bad (first: {skipped[0]['error']}): "
+                        "run `diffpo data check` on data.source")
+
+    def _item(self, index: int) -> dict:
         row = int(self.rows[index])
         record = self.table[row]
         col0, col1, col_caption = self.columns
@@ -159,15 +289,17 @@ class PreferencePairs(torch.utils.data.Dataset):
         first, second = (col0, col1) if label >= 0.5 else (col1, col0)
         rng = np.random.default_rng([self.seed, self.epoch, index, 0])
         flips = flip_decisions(self.seed, self.epoch, index, self.flip)
-        item = {"index": index, "caption": str(record[col_caption] or ""), "label": float(label)}
+        caption = caption_text(record[col_caption], f"row {row} column {col_caption}", self.allow_empty_captions)
+        item = {"index": index, "caption": caption, "label": float(label)}
         if self.feedback is not None:
             item["desirable"] = float(self.feedback[row])
         if self.score_columns:  # reward scores of winner and loser (SmPO's soft labels)
-            score_0, score_1 = (float(record[c]) for c in self.score_columns)
+            score_0, score_1 = (_score(record[c], f"row {row} column {c}") for c in self.score_columns)
             item["score_w"], item["score_l"] = (score_0, score_1) if label >= 0.5 else (score_1, score_0)
         sides = (("w", first, flips[0]),) if self.winners_only else (("w", first, flips[0]), ("l", second, flips[1]))
         for name, column, flip in sides:
-            image = decode_image(record[column], self.base_dir, where=f"row {row} column {column}")
+            decoded = read_image(record[column], self.base_dir, where=f"row {row} column {column}", min_side=self.resolution)
+            image = decoded.image
             crop = None
             if self.crop == "random":
                 h, w = resized_shape(image.size, self.resolution)
@@ -175,10 +307,21 @@ class PreferencePairs(torch.utils.data.Dataset):
             pixels, crop = resize_and_crop(image, self.resolution, crop)
             if flip:
                 pixels = pixels.flip(-1)
+            width, height = decoded.original_size
             item[f"pixels_{name}"] = pixels
-            item[f"original_size_{name}"] = torch.tensor([image.height, image.width])
+            item[f"original_size_{name}"] = torch.tensor([height, width])
             item[f"crop_{name}"] = torch.tensor(crop)
         return item
+
+
+def _score(value, where: str) -> float:
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise BadSampleError(f"{where}: the score {value!r} is not a number") from None
+    if not np.isfinite(score):
+        raise BadSampleError(f"{where}: the score is {score}")
+    return score
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -214,4 +357,6 @@ def build_pairs(data_config, resolution: int, seed: int, winners_only: bool = Fa
         winners_only=winners_only,
         score_columns=data_config.score_columns,
         feedback_column=data_config.feedback_column,
+        skip_bad_samples=data_config.skip_bad_samples,
+        allow_empty_captions=data_config.allow_empty_captions,
     )

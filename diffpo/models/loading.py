@@ -43,10 +43,9 @@ def read_model_index(source: str, revision: str | None = None) -> dict:
     try:
         return DiffusionPipeline.load_config(source, revision=revision)
     except Exception as error:  # hub errors come in many classes; the message is what matters
-        raise OSError(
-            f"could not fetch {source!r} from the model hub ({error.__class__.__name__}): check the id and your "
-            "network, or download it and pass the local folder"
-        ) from None
+        from diffpo.hub import unreachable
+
+        raise OSError(unreachable("the model", source, error)) from None
 
 
 @dataclass

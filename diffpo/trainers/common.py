@@ -20,13 +20,20 @@ STATE_FILE = "trainer_state.json"
 
 def prepare_run_dir(config, is_main: bool) -> Path:
     """Create the run folder and write the resolved config (``diffpo train RUN/config.yaml`` reruns it)."""
+    from diffpo.trainers.preflight import check_resume_config, output_dir_error
+
     run_dir = Path(config.output_dir)
+    # before config.yaml, the saved run's config, is overwritten (main only: the others would race that write;
+    # a launcher stops them when the main process fails)
+    changed = check_resume_config(config, run_dir) if is_main else []
     if is_main:
+        if changed:
+            print(f"note: resuming with changed settings: {'; '.join(changed)}")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, run_dir / "config.yaml")
         except OSError as error:
-            raise ConfigError(f"output_dir={str(run_dir)!r} is not writable ({error.strerror}): choose another folder") from None
+            raise output_dir_error(run_dir, error) from None
     return run_dir
 
 

@@ -44,6 +44,7 @@ from diffpo.trainers.common import (
     save_checkpoint,
     step_generator,
 )
+from diffpo.trainers.preflight import check_free_space
 
 
 def train(config: TrainConfig) -> Path:
@@ -55,7 +56,8 @@ def _train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from diffusers import DDIMScheduler
 
-    from diffpo.data.cache import CachedPairs, build_cache
+    from diffpo.data.bad_samples import BadSampleLog, skipped_records
+    from diffpo.data.cache import CachedPairs, build_cache, cached_bad_samples
     from diffpo.data.pairs import build_pairs, collate_pairs
     from diffpo.models.loading import unet_denoiser
     from diffpo.models.lora import register_lora_checkpointing
@@ -68,9 +70,12 @@ def _train(config: TrainConfig) -> Path:
     method = METHODS[config.method]
     weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
+    check_free_space(run_dir, sum(p.numel() for p in params) * 4, config)
     resolution = config.data.resolution or stack.native_resolution
     if resolution % stack.vae_scale_factor:
-        raise ValueError(f"data.resolution={resolution} is not divisible by the VAE factor {stack.vae_scale_factor}")
+        factor = stack.vae_scale_factor
+        raise ConfigError(f"data.resolution={resolution} is not divisible by the VAE factor {factor}: use a multiple of "
+                          f"{factor}, e.g. {max(factor, round(resolution / factor) * factor)}")
     reference = None
     # a reference-free objective (simpo) needs neither the reference forward nor a frozen copy
     if method.needs_reference and not config.objective.reference_free:
@@ -100,7 +105,8 @@ def _train(config: TrainConfig) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                          collate_fn=collate_pairs, num_workers=config.data.num_workers, drop_last=True)
     if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} pairs do not fill one batch of train_batch_size={config.train_batch_size}")
+        raise ValueError(f"{len(dataset)} pairs do not fill one batch of train_batch_size={config.train_batch_size}: "
+                         "use more pairs or a smaller train_batch_size")
 
     optimizer, lr_schedule, lr = build_optimization(config, params, accelerator)
     unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)
@@ -124,6 +130,9 @@ def _train(config: TrainConfig) -> Path:
     # ---- resume -------------------------------------------------------------------------------
     state, log = resume(accelerator, run_dir, config.resume_from, {"global_step": 0, "micro_step": 0})
     global_step, micro_step = state["global_step"], state["micro_step"]
+    bad_samples = BadSampleLog(accelerator, run_dir, micro_step)  # data.skip_bad_samples: RUN_DIR/bad_samples.jsonl
+    if config.cache.enabled:
+        bad_samples.add(cached_bad_samples(folder), micro_step=-1, step=0)
 
     # ---- one micro-step -----------------------------------------------------------------------
     def feedback_batch_loss(batch: dict, generator: torch.Generator):
@@ -197,6 +206,7 @@ def _train(config: TrainConfig) -> Path:
                 batch_loss = feedback_batch_loss if config.data.feedback_column else micro_batch_loss
                 loss, metrics = batch_loss(batch, step_generator(config.seed, micro_step, accelerator.process_index))
                 check_finite(loss, global_step, batch["caption"], run_dir)
+                bad_samples.add(skipped_records(batch), micro_step, global_step + 1)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -220,16 +230,19 @@ def _train(config: TrainConfig) -> Path:
                 means = torch.tensor([v / window_count for v in window.values()], device=accelerator.device)
                 means = accelerator.reduce(means, reduction="mean")
                 values = dict(zip(window.keys(), means.tolist()))
+                bad_samples.flush()
                 values.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                              lr=lr_schedule.get_last_lr()[0], epoch=epoch)
+                              lr=lr_schedule.get_last_lr()[0], epoch=epoch, bad_samples=bad_samples.count)
                 record = log.write(global_step, values)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
                 window, window_count = {}, 0
             if config.checkpoint_every and global_step % config.checkpoint_every == 0 and global_step < config.max_steps:
+                bad_samples.flush()
                 save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step}, config.checkpoints_total_limit)
             if global_step >= config.max_steps:
                 break
     progress.close()
+    bad_samples.flush()
     save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step}, config.checkpoints_total_limit)
 
     # ---- export -------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from diffpo.trainers.common import (
     save_checkpoint,
     step_generator,
 )
+from diffpo.trainers.preflight import check_free_space
 
 ROUND_SEED_OFFSET = 7_777_777  # round sampling draws from its own stream, apart from the micro-steps'
 
@@ -119,6 +120,7 @@ def _train(config: TrainConfig) -> Path:
     set_seed(config.seed)
     weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
+    check_free_space(run_dir, sum(p.numel() for p in params) * 4, config)
     # the reference is a past state of the policy (D3PO: base or previous round; SePPO: a pool draw);
     # Diffusion-DRO compares against the base and samples with a lagged past state
     ref_dtype = reference_dtype(config, weight_dtype)
