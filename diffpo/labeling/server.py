@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import mimetypes
 import re
 import signal
@@ -214,7 +215,7 @@ class LabelRequestHandler(BaseHTTPRequestHandler):
         wait = self.server.limiter.retry_after(self.client_address[0])
         if wait > 0:
             return (HTTPStatus.TOO_MANY_REQUESTS, self.server.limiter.message(wait),
-                    [("Retry-After", str(max(1, round(wait + 0.5))))])
+                    [("Retry-After", str(math.ceil(wait)))])
         if self.server.api_key is not None and not self.authorized():
             return (HTTPStatus.UNAUTHORIZED, missing_key_message("open the URL `diffpo label` printed (it ends in "
                                                                  "?key=...), or send X-API-Key: KEY"),

@@ -20,6 +20,7 @@ and are answered, then it exits 0 (see docs/reliability_servers.md).
 import argparse
 import json
 import logging
+import math
 import random
 import signal
 import sys
@@ -147,7 +148,7 @@ class RequestGuard:
         client = (scope.get("client") or ("unknown",))[0]
         wait = self.limiter.retry_after(client)
         if wait > 0:
-            return 429, self.limiter.message(wait), [(b"retry-after", str(max(1, round(wait + 0.5))).encode())]
+            return 429, self.limiter.message(wait), [(b"retry-after", str(math.ceil(wait)).encode())]
         if self.api_key is not None and scope["path"] not in OPEN_PATHS:
             if not key_matches(presented_key(headers.get("authorization"), headers.get("x-api-key")), self.api_key):
                 return 401, missing_key_message(), [(b"www-authenticate", b"Bearer")]
