@@ -137,6 +137,11 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.per_minute > 0
 
+    def __len__(self) -> int:
+        """Clients tracked now."""
+        with self._lock:
+            return len(self._buckets)
+
     def retry_after(self, client: str) -> float:
         """0 if ``client`` may send this request now (one token is taken), else the seconds to wait."""
         if not self.enabled:

@@ -150,7 +150,7 @@ class LabelServer(ThreadingHTTPServer):
         self.session = session
         self.page = page
         self.api_key = api_key
-        self.limiter = limiter or RateLimiter(RATE_LIMIT, RATE_BURST)
+        self.limiter = limiter if limiter is not None else RateLimiter(RATE_LIMIT, RATE_BURST)
         self.max_body_bytes = max_body_bytes
         self.in_flight = InFlight()
         if ":" in address[0]:
@@ -348,8 +348,6 @@ def serve(run_dir: str | Path, round_index: int | None = None, host: str = DEFAU
         print(warning, file=sys.stderr, flush=True)
     server = make_server(run_dir, round_index, host, port, api_key, rate_limit, rate_burst, max_body_bytes)
     session = server.session
-    print(f"labelling round {session.manifest.index} of {run_dir}: {server.login_url} (Ctrl-C to stop; every click "
-          "is saved)", flush=True)
     stopping = threading.Event()
 
     def stop(signum, frame) -> None:
@@ -361,6 +359,9 @@ def serve(run_dir: str | Path, round_index: int | None = None, host: str = DEFAU
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # printed once the handlers are in place: whoever waits for this line may signal at once
+    print(f"labelling round {session.manifest.index} of {run_dir}: {server.login_url} (Ctrl-C to stop; every click "
+          "is saved)", flush=True)
     try:
         server.serve_forever(poll_interval=0.1)
     finally:

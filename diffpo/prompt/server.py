@@ -335,9 +335,10 @@ def serve(model, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str
         # access_log off: the guard already logs one line per request, with n and seconds
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                                timeout_graceful_shutdown=shutdown_timeout))
-        print(f"serving {optimizer.name} on http://{host}:{port} (POST /v1/optimize, docs at /docs"
-              f"{'; API key required' if api_key else ''}; Ctrl-C or SIGTERM to stop)", flush=True)
-        with _signals_end_quietly():
+        with _signals_stop(server):
+            # the socket listens already: a client that connects now waits in the backlog
+            print(f"serving {optimizer.name} on http://{host}:{port} (POST /v1/optimize, docs at /docs"
+                  f"{'; API key required' if api_key else ''}; Ctrl-C or SIGTERM to stop)", flush=True)
             server.run(sockets=[sock])
     finally:
         sock.close()
@@ -345,13 +346,18 @@ def serve(model, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str
 
 
 @contextmanager
-def _signals_end_quietly():
-    """uvicorn stops gracefully on SIGINT / SIGTERM and then re-raises the signal to the handlers it
-    found; with these no-op handlers the re-raise ends nothing, so serve() returns and the command exits 0."""
+def _signals_stop(server):
+    """SIGINT / SIGTERM stop ``server`` also before uvicorn has put in its own handlers (which stop it
+    gracefully). uvicorn re-raises the signal to these handlers when it is done; here that changes
+    nothing, so serve() returns and the command exits 0."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(signum, frame):
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
