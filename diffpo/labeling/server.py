@@ -368,7 +368,10 @@ def serve(run_dir: str | Path, round_index: int | None = None, host: str = DEFAU
         for sig, handler in handlers.items():  # a second Ctrl-C while waiting below interrupts as usual
             signal.signal(sig, handler)
         server.server_close()  # the port is closed: no new connections
-        running = server.in_flight.close_and_wait(shutdown_timeout)
+        try:
+            running = server.in_flight.close_and_wait(shutdown_timeout)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now
+            running = server.in_flight.count
     if running:
         print(f"{running} requests were still running after {shutdown_timeout:g} s and were dropped "
               "(their labels were not saved)", file=sys.stderr, flush=True)
