@@ -23,8 +23,8 @@ def resolve_api_key(flag: str | None) -> str | None:
         if not flag.strip():
             raise ValueError(f"--api-key is empty: pass a secret (e.g. python -c 'import secrets; "
                              f"print(secrets.token_urlsafe(32))') or leave it out, or set {API_KEY_ENV}")
-        return flag
-    return os.environ.get(API_KEY_ENV) or None
+        return flag.strip()
+    return os.environ.get(API_KEY_ENV, "").strip() or None
 
 
 def is_loopback(host: str) -> bool:
@@ -90,7 +90,8 @@ def add_network_arguments(parser, default_port: int, rate_limit: float, rate_bur
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only). Another address, e.g. "
                              "0.0.0.0 (every interface), exposes the server to the network: set an API key then")
-    parser.add_argument("--port", type=int, default=default_port, help=f"port to listen on (default {default_port}; 0: any free port)")
+    parser.add_argument("--port", type=int, default=default_port,
+                        help=f"port to listen on (default {default_port}; 0: any free port)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help=f"require this key on every request (Authorization: Bearer KEY or X-API-Key: KEY); "
                              f"default: ${API_KEY_ENV} if set, else no key. Prefer the environment variable: a key "
@@ -167,7 +168,8 @@ class RateLimiter:
         for client, bucket in list(self._buckets.items()):
             if bucket.tokens + (now - bucket.updated) * rate >= self.burst:
                 del self._buckets[client]
-        for client in sorted(self._buckets, key=lambda c: self._buckets[c].updated)[:len(self._buckets) - self.max_clients + 1]:
+        oldest_first = sorted(self._buckets, key=lambda c: self._buckets[c].updated)
+        for client in oldest_first[:len(self._buckets) - self.max_clients + 1]:
             del self._buckets[client]
 
     def message(self, wait: float) -> str:
@@ -210,5 +212,5 @@ class InFlight:
             return self._count
 
 
-__all__ = ["API_KEY_ENV", "InFlight", "RateLimiter", "add_network_arguments", "exposure_warning", "host_header_allowed", "is_loopback",
-           "key_matches", "listen", "missing_key_message", "presented_key", "resolve_api_key"]
+__all__ = ["API_KEY_ENV", "InFlight", "RateLimiter", "add_network_arguments", "exposure_warning", "host_header_allowed",
+           "is_loopback", "key_matches", "listen", "missing_key_message", "presented_key", "resolve_api_key"]

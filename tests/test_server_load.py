@@ -25,7 +25,8 @@ def test_prompt_api_answers_50_concurrent_clients_correctly(tmp_path):
     server = ServerProcess(["prompt", "serve", "tiny", "--port", "0", *NO_LIMIT_FOR_THE_LOAD],
                            tmp_path / "server.log", env={"DIFFPO_API_KEY": KEY})
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
-    bodies = [json.dumps({"prompt": f"a red circle number {k}", "n": 1, "max_new_tokens": 4, "seed": k}) for k in range(10)]
+    bodies = [json.dumps({"prompt": f"a red circle number {k}", "n": 1, "max_new_tokens": 4, "seed": k})
+              for k in range(10)]
     with server:
         # the answers to expect: the same prompt and seed must give the same rewrite under load
         reference = {}

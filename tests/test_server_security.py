@@ -55,7 +55,8 @@ def test_rate_limiter_token_bucket_by_hand():
     assert [limiter.retry_after("a") for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(1.0)]
     off = RateLimiter(per_minute=0, burst=1, clock=clock)
     assert all(off.retry_after("a") == 0.0 for _ in range(100)) and len(off) == 0
-    assert "60 requests per minute per client (burst 3)" in limiter.message(1.0) and "--rate-limit" in limiter.message(1.0)
+    message = limiter.message(1.0)
+    assert "60 requests per minute per client (burst 3)" in message and "--rate-limit" in message
 
 
 def test_rate_limiter_forgets_clients_to_stay_bounded():

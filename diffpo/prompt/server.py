@@ -30,8 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from diffpo.serving import (API_KEY_ENV, RateLimiter, add_network_arguments, exposure_warning, host_header_allowed, key_matches, listen,
-                            missing_key_message, presented_key, resolve_api_key)
+from diffpo.serving import (API_KEY_ENV, RateLimiter, add_network_arguments, exposure_warning, host_header_allowed,
+                            key_matches, listen, missing_key_message, presented_key, resolve_api_key)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -63,7 +63,8 @@ class ServerLimits:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (--{name.replace('_', '-')})")
         if not self.rate_limit >= 0:
-            raise ValueError(f"rate_limit={self.rate_limit} must be >= 0 requests per minute (0: no limit; --rate-limit)")
+            raise ValueError(f"rate_limit={self.rate_limit} must be >= 0 requests per minute "
+                             "(0: no limit; --rate-limit)")
 
 
 class RequestError(ValueError):
@@ -211,7 +212,7 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
 
     limits = limits or ServerLimits()
     model_lock = threading.Lock()  # one generate() at a time; per app, not global
-    queue = {"optimizing": 0, "lock": threading.Lock()}  # /v1/optimize requests running or waiting for the model
+    busy = {"optimizing": 0, "lock": threading.Lock()}  # /v1/optimize requests running or waiting for the model
 
     class OptimizeRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -246,7 +247,8 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
                               f"max_prompts={limits.max_prompts}, max_new_tokens={limits.max_new_tokens}, "
                               f"max_body_bytes={limits.max_body_bytes}, rate_limit={limits.rate_limit:g}/min per "
                               f"client (burst {limits.rate_burst})."
-                              + (" Send the API key as `Authorization: Bearer KEY` or `X-API-Key: KEY`." if api_key else ""))
+                              + (" Send the API key as `Authorization: Bearer KEY` or `X-API-Key: KEY`."
+                                 if api_key else ""))
     app.add_middleware(RequestGuard, limits=limits, api_key=api_key, bound_host=bound_host)
     if api_key is not None:
         _document_key(app)
@@ -268,7 +270,7 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
 
     @app.get("/healthz")
     def healthz():
-        return {"status": "ok", "model": optimizer.name, "optimizing": queue["optimizing"]}
+        return {"status": "ok", "model": optimizer.name, "optimizing": busy["optimizing"]}
 
     # a plain `def`: FastAPI runs it in its thread pool, so waiting for the lock blocks no event loop
     @app.post("/v1/optimize", response_model=OptimizeResponse, responses=errors)
@@ -276,8 +278,8 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
         prompts = check_request(body, limits)
         seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**31)
         request.state.log = f"prompts={len(prompts)} n={body.n} "
-        with queue["lock"]:
-            queue["optimizing"] += 1
+        with busy["lock"]:
+            busy["optimizing"] += 1
         try:
             with model_lock:
                 results = optimizer.optimize(prompts, n=body.n, temperature=body.temperature, top_p=body.top_p,
@@ -285,8 +287,8 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
         except ValueError as error:  # sampling options the optimizer rejects (temperature, top_p)
             raise RequestError(str(error)) from None
         finally:
-            with queue["lock"]:
-                queue["optimizing"] -= 1
+            with busy["lock"]:
+                busy["optimizing"] -= 1
         return {"model": optimizer.name, "seed": seed,
                 "results": [{"prompt": p, "candidates": [{"text": c.text, "score": c.score} for c in cands]}
                             for p, cands in zip(prompts, results)]}
