@@ -127,9 +127,9 @@ class RateLimiter:
 
     def __init__(self, per_minute: float, burst: int, max_clients: int = 10_000, clock=time.monotonic):
         if not per_minute >= 0:
-            raise ValueError(f"rate limit {per_minute} requests per minute must be >= 0 (0: no limit)")
+            raise ValueError(f"rate limit {per_minute} requests per minute must be >= 0 (0: no limit; --rate-limit)")
         if burst < 1:
-            raise ValueError(f"rate burst {burst} must be >= 1 (requests a client may send at once)")
+            raise ValueError(f"rate burst {burst} must be >= 1 (requests a client may send at once; --rate-burst)")
         self.per_minute, self.burst, self.max_clients, self.clock = float(per_minute), int(burst), max_clients, clock
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
