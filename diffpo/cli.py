@@ -163,8 +163,10 @@ def _score(args) -> None:
 
 def _label(args) -> None:
     from diffpo.labeling.server import serve
+    from diffpo.serving import resolve_api_key
 
-    serve(args.run_dir, round_index=args.round, host=args.host, port=args.port)
+    serve(args.run_dir, round_index=args.round, host=args.host, port=args.port, api_key=resolve_api_key(args.api_key),
+          rate_limit=args.rate_limit, rate_burst=args.rate_burst, max_body_bytes=args.max_body_bytes)
 
 
 def _is_learned(name: str) -> bool:
@@ -236,12 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "is better, 0 or Down: tie. "
                     "Every click is appended to RUN_DIR/rounds/round-NNNN/labels.jsonl at once, so stopping midway "
                     "loses nothing and a restart continues. Then `diffpo train RUN_DIR/config.yaml "
-                    "resume_from=latest` trains on the labels.")
+                    "resume_from=latest` trains on the labels. Listens on 127.0.0.1 unless --host says otherwise; "
+                    "serves only the round's images inside RUN_DIR; SIGTERM or Ctrl-C finishes the requests "
+                    "already received, then exits.")
     label.add_argument("run_dir", help="the run's output_dir, holding rounds/round-NNNN/")
     label.add_argument("--round", type=int, default=None, metavar="N",
                        help="round to label (default: the latest round with pending pairs, else the latest)")
-    label.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    label.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: any free port)")
+    from diffpo.labeling.server import DEFAULT_PORT, MAX_BODY_BYTES, RATE_BURST, RATE_LIMIT
+    from diffpo.serving import add_network_arguments
+
+    add_network_arguments(label, DEFAULT_PORT, RATE_LIMIT, RATE_BURST, MAX_BODY_BYTES)
     label.set_defaults(func=_label)
 
     data = commands.add_parser("data", help="dataset tools: check a dataset for problems, top-k expert images",

@@ -350,3 +350,27 @@ def test_a_click_and_a_key_on_the_page_record_labels(driver, server, run_dir):
     wait.until(lambda d: done.is_displayed())
     assert f"diffpo train {run_dir / 'config.yaml'} resume_from=latest" in done.text
     assert [line["choice"] for line in label_lines(run_dir)] == ["b", "tie", "a", "a", "a", "a"]
+
+
+def test_with_an_api_key_the_printed_url_opens_the_page_and_a_click_is_saved(driver, run_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = make_server(run_dir, port=0, api_key="a key/with+odd chars")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        driver.get(server.url)  # without the key: refused
+        assert "requires an API key" in driver.find_element(By.TAG_NAME, "body").text
+        driver.get(server.login_url)  # the key once; the page, its images and its posts then use the cookie
+        wait = WebDriverWait(driver, 20)
+        wait.until(lambda d: d.find_element(By.ID, "choose-a").is_enabled())
+        assert driver.current_url == server.url  # the key is gone from the address bar
+        driver.find_element(By.ID, "choose-a").click()
+        wait.until(lambda d: d.find_element(By.ID, "progress").text == "1 of 6 pairs labelled")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    [line] = label_lines(run_dir)
+    assert (line["group"], line["a"], line["b"], line["choice"]) == (0, 0, 1, "a")

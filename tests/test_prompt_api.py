@@ -141,7 +141,8 @@ class _Spy:
                 self.active -= 1
 
 
-LIMITS = ServerLimits(max_prompt_chars=100, max_n=5, max_prompts=4, max_new_tokens=16)
+# rate_limit=0: this module sends dozens of requests at once; tests/test_server_security.py tests the limit
+LIMITS = ServerLimits(max_prompt_chars=100, max_n=5, max_prompts=4, max_new_tokens=16, rate_limit=0)
 
 
 @pytest.fixture(scope="module")
@@ -199,18 +200,18 @@ def test_http_several_prompts(server):
 
 
 @pytest.mark.parametrize("body, status, message", [
-    ({"prompt": ""}, 400, "prompt 0 is empty"),
-    ({"prompts": ["a cat", "  "]}, 400, "prompt 1 is empty"),
-    ({"prompt": "x" * 101}, 413, "max_prompt_chars=100"),
-    ({"prompts": ["a cat"] * 5}, 413, "max_prompts=4"),
-    ({"prompts": []}, 400, "empty"),
-    ({"prompt": "a cat", "n": 6}, 400, "max_n=5"),
-    ({"prompt": "a cat", "n": 0}, 400, "max_n=5"),
-    ({"prompt": "a cat", "max_new_tokens": 17}, 400, "max_new_tokens=16"),
-    ({"prompt": "a cat", "temperature": -1}, 400, "temperature=-1.0 must be >= 0"),
-    ({"prompt": "a cat", "top_p": 0}, 400, "top_p=0.0 must be in (0, 1]"),
-    ({"prompt": "a cat", "prompts": ["a dog"]}, 400, "exactly one of"),
-    ({}, 400, "exactly one of"),
+    ({"prompt": ""}, 422, "prompt 0 is empty"),
+    ({"prompts": ["a cat", "  "]}, 422, "prompt 1 is empty"),
+    ({"prompt": "x" * 101}, 422, "prompt 0 has 101 characters: the limit is max_prompt_chars=100"),
+    ({"prompts": ["a cat"] * 5}, 422, "5 prompts in one request: the limit is max_prompts=4"),
+    ({"prompts": []}, 422, "empty"),
+    ({"prompt": "a cat", "n": 6}, 422, "max_n=5"),
+    ({"prompt": "a cat", "n": 0}, 422, "max_n=5"),
+    ({"prompt": "a cat", "max_new_tokens": 17}, 422, "max_new_tokens=16"),
+    ({"prompt": "a cat", "temperature": -1}, 422, "temperature=-1.0 must be >= 0"),
+    ({"prompt": "a cat", "top_p": 0}, 422, "top_p=0.0 must be in (0, 1]"),
+    ({"prompt": "a cat", "prompts": ["a dog"]}, 422, "exactly one of"),
+    ({}, 422, "exactly one of"),
     ({"prompt": "a cat", "n": "many"}, 422, "n:"),
     ({"prompt": "a cat", "steps": 3}, 422, "steps"),
 ])
@@ -225,7 +226,7 @@ def test_http_malformed_json(server):
 
 
 def test_http_healthz_and_docs(server):
-    assert _request(server.url + "/healthz") == (200, {"status": "ok", "model": "tiny"})
+    assert _request(server.url + "/healthz") == (200, {"status": "ok", "model": "tiny", "optimizing": 0})
     status, page = _request(server.url + "/docs")
     assert status == 200 and "swagger" in page.lower()
     status, schema = _request(server.url + "/openapi.json")
@@ -269,11 +270,12 @@ def test_serve_command_loads_once_and_runs_uvicorn(monkeypatch):
     import uvicorn
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
-    args = _parser().parse_args(["serve", "tiny", "--port", "8123", "--max-n", "3"])
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: calls.append((self.config, sockets)))
+    args = _parser().parse_args(["serve", "tiny", "--port", "0", "--max-n", "3"])
     assert (args.host, args.port, args.device, args.max_n, args.max_prompt_chars, args.max_prompts) == \
-        ("127.0.0.1", 8123, "cpu", 3, 500, 32)
+        ("127.0.0.1", 0, "cpu", 3, 500, 32)
     args.func(args)
-    (app, options), = calls
-    assert options["host"] == "127.0.0.1" and options["port"] == 8123
-    assert "max_n=3" in app.description
+    (config, sockets), = calls
+    (sock,) = sockets  # bound by serve() before the model loaded, closed once uvicorn returns
+    assert config.host == "127.0.0.1" and config.port > 0 and sock.fileno() == -1
+    assert config.timeout_graceful_shutdown == 30 and "max_n=3" in config.app.description

@@ -1,4 +1,4 @@
-"""The HTTP inference API: ``diffpo ... serve MODEL`` -> POST /v1/optimize, GET /healthz, /docs.
+"""The HTTP inference API: ``diffpo prompt serve MODEL`` -> POST /v1/optimize, GET /healthz, /docs.
 
     curl -s localhost:8000/v1/optimize -H 'content-type: application/json' \\
          -d '{"prompt": "a cat on a sofa", "n": 4, "seed": 0}'
@@ -7,19 +7,31 @@
 The model loads once; requests are served from FastAPI's thread pool but pass one lock around the
 model, so concurrent requests queue instead of running the LM in parallel (one LM on a CPU or GPU
 gains nothing from parallel calls and could run out of memory). Bad requests get a 4xx
-``{"error": "..."}`` that names the limit and the allowed value.
+``{"error": "..."}`` that names the limit and the allowed value: 401 without the API key (when the
+server has one), 413 for a body over ``max_body_bytes``, 422 for a value out of range (too many
+prompts, a prompt too long, n, ...), 429 past the per-client rate limit. It listens on 127.0.0.1
+unless told otherwise, and SIGTERM / Ctrl-C stop it gracefully: requests already received finish
+and are answered, then it exits 0 (see docs/reliability_servers.md).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime,
 # and the request models are local to create_app (fastapi/pydantic load only when serving).
 
 import argparse
+import json
 import logging
+import math
 import random
+import signal
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
+
+from diffpo.serving import (API_KEY_ENV, RateLimiter, add_network_arguments, exposure_warning, host_header_allowed,
+                            key_matches, listen, missing_key_message, presented_key, resolve_api_key)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -28,29 +40,37 @@ if TYPE_CHECKING:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# Paths that run no model and hold no data: open without the key (health probes, the API docs).
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 logger = logging.getLogger("diffpo.prompt.server")
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Per-request limits; a request beyond one is refused with 400/413 naming it."""
+    """Per-request and per-client limits; a request beyond one is refused with a 4xx naming it."""
 
     max_prompt_chars: int = 500
     max_n: int = 16
     max_prompts: int = 32
     max_new_tokens: int = 256
     max_body_bytes: int = 1 << 20  # far above max_prompts * max_prompt_chars of JSON
+    rate_limit: float = 120.0  # requests per minute per client address; 0: no limit
+    rate_burst: int = 30  # requests a client may send at once before the rate applies
 
     def __post_init__(self):
-        for name in ("max_prompt_chars", "max_n", "max_prompts", "max_new_tokens", "max_body_bytes"):
+        for name in ("max_prompt_chars", "max_n", "max_prompts", "max_new_tokens", "max_body_bytes", "rate_burst"):
             if getattr(self, name) < 1:
-                raise ValueError(f"ServerLimits.{name}={getattr(self, name)} must be >= 1")
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (--{name.replace('_', '-')})")
+        if not self.rate_limit >= 0:
+            raise ValueError(f"rate_limit={self.rate_limit} must be >= 0 requests per minute "
+                             "(0: no limit; --rate-limit)")
 
 
 class RequestError(ValueError):
     """A request the server refuses: answered with ``status`` and ``{"error": message}``."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 422):
         super().__init__(message)
         self.status = status
 
@@ -64,13 +84,13 @@ def check_request(body, limits: ServerLimits) -> list[str]:
         raise RequestError('"prompts" is empty: pass at least one prompt')
     if len(prompts) > limits.max_prompts:
         raise RequestError(f"{len(prompts)} prompts in one request: the limit is max_prompts={limits.max_prompts}; "
-                           "split the request", status=413)
+                           "split the request")
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
             raise RequestError(f"prompt {i} is empty: pass a non-empty text-to-image prompt")
         if len(prompt) > limits.max_prompt_chars:
             raise RequestError(f"prompt {i} has {len(prompt)} characters: the limit is "
-                               f"max_prompt_chars={limits.max_prompt_chars}", status=413)
+                               f"max_prompt_chars={limits.max_prompt_chars}; shorten it")
     if body.n < 1 or body.n > limits.max_n:
         raise RequestError(f"n={body.n}: the number of rewrites per prompt must be in 1..max_n={limits.max_n}")
     if body.max_new_tokens < 1 or body.max_new_tokens > limits.max_new_tokens:
@@ -83,8 +103,108 @@ def check_request(body, limits: ServerLimits) -> list[str]:
     return prompts
 
 
-def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = None) -> "FastAPI":
-    """A FastAPI app serving ``optimizer`` (already loaded) under ``limits``."""
+class RequestGuard:
+    """ASGI middleware in front of the app. In order: the Host check (a server on loopback answers
+    only requests addressed to this machine), the per-client rate limit (429), the API key (401), the
+    body size (413, checked on the bytes received, so a chunked body without Content-Length is
+    bounded too); then one log line per request with its status and seconds."""
+
+    def __init__(self, app, limits: ServerLimits, api_key: Optional[str] = None, bound_host: str = DEFAULT_HOST):
+        self.app, self.limits, self.api_key, self.bound_host = app, limits, api_key, bound_host
+        self.limiter = RateLimiter(limits.rate_limit, limits.rate_burst)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 0}
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await _send_json(send_logged, *refusal)
+        else:
+            body = await self.read_body(receive)
+            if body is None:  # the client went away mid-body
+                return
+            if isinstance(body, tuple):
+                await _send_json(send_logged, *body)
+            else:
+                await self.app(scope, _replay(body, receive), send_logged)
+        detail = (scope.get("state") or {}).get("log", "")
+        logger.info("%s %s %d %s%.3fs", scope["method"], scope["path"], status["code"], detail,
+                    time.perf_counter() - start)
+
+    def refusal(self, scope) -> Optional[tuple]:
+        """(status, message, extra headers) for a request refused before its body is read, else None."""
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        if not host_header_allowed(headers.get("host"), self.bound_host):
+            return (421, f"this server listens on {self.bound_host} and answers only requests addressed to this "
+                         f"machine (Host: 127.0.0.1 or localhost), not to {headers.get('host')!r}", [])
+        client = (scope.get("client") or ("unknown",))[0]
+        wait = self.limiter.retry_after(client)
+        if wait > 0:
+            return 429, self.limiter.message(wait), [(b"retry-after", str(math.ceil(wait)).encode())]
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+            if not key_matches(presented_key(headers.get("authorization"), headers.get("x-api-key")), self.api_key):
+                return 401, missing_key_message(), [(b"www-authenticate", b"Bearer")]
+        size = headers.get("content-length", "")
+        if size.isdigit() and int(size) > self.limits.max_body_bytes:
+            return 413, self.too_large(f"{size} bytes"), []
+        return None
+
+    def too_large(self, size: str) -> str:
+        return (f"request body of {size}: the limit is max_body_bytes={self.limits.max_body_bytes} "
+                "(--max-body-bytes); split the request")
+
+    async def read_body(self, receive):
+        """The whole body (bounded by max_body_bytes), a refusal tuple past the bound, or None on disconnect."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limits.max_body_bytes:
+                return 413, self.too_large(f"over {self.limits.max_body_bytes} bytes"), []
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that hands the app the body already read, then waits for the disconnect."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _send_json(send, status: int, message: str, headers: list) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = None, api_key: Optional[str] = None,
+               bound_host: str = DEFAULT_HOST) -> "FastAPI":
+    """A FastAPI app serving ``optimizer`` (already loaded) under ``limits``; with ``api_key``, every
+    path but /healthz and the docs needs it. ``bound_host`` is the address it listens on (for the
+    Host check)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -92,6 +212,7 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
 
     limits = limits or ServerLimits()
     model_lock = threading.Lock()  # one generate() at a time; per app, not global
+    busy = {"optimizing": 0, "lock": threading.Lock()}  # /v1/optimize requests running or waiting for the model
 
     class OptimizeRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -119,11 +240,18 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
     class ErrorOut(BaseModel):
         error: str
 
-    errors = {code: {"model": ErrorOut} for code in (400, 413, 422)}
+    errors = {code: {"model": ErrorOut} for code in (401, 413, 422, 429)}
     app = FastAPI(title="diffpo prompt optimizer",
                   description="Rewrites text-to-image prompts with a Sem-DPO-trained LM. "
                               f"Limits: max_prompt_chars={limits.max_prompt_chars}, max_n={limits.max_n}, "
-                              f"max_prompts={limits.max_prompts}, max_new_tokens={limits.max_new_tokens}.")
+                              f"max_prompts={limits.max_prompts}, max_new_tokens={limits.max_new_tokens}, "
+                              f"max_body_bytes={limits.max_body_bytes}, rate_limit={limits.rate_limit:g}/min per "
+                              f"client (burst {limits.rate_burst})."
+                              + (" Send the API key as `Authorization: Bearer KEY` or `X-API-Key: KEY`."
+                                 if api_key else ""))
+    app.add_middleware(RequestGuard, limits=limits, api_key=api_key, bound_host=bound_host)
+    if api_key is not None:
+        _document_key(app)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, error):
@@ -140,23 +268,9 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
     async def refused(request, error):
         return JSONResponse({"error": str(error)}, status_code=error.status)
 
-    @app.middleware("http")
-    async def log_request(request, call_next):
-        start = time.perf_counter()
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-            response = JSONResponse({"error": f"request body of {size} bytes: the limit is "
-                                              f"max_body_bytes={limits.max_body_bytes}"}, status_code=413)
-        else:
-            response = await call_next(request)
-        detail = request.scope.get("state", {}).get("log", "")
-        logger.info("%s %s %d %s%.3fs", request.method, request.url.path, response.status_code, detail,
-                    time.perf_counter() - start)
-        return response
-
     @app.get("/healthz")
     def healthz():
-        return {"status": "ok", "model": optimizer.name}
+        return {"status": "ok", "model": optimizer.name, "optimizing": busy["optimizing"]}
 
     # a plain `def`: FastAPI runs it in its thread pool, so waiting for the lock blocks no event loop
     @app.post("/v1/optimize", response_model=OptimizeResponse, responses=errors)
@@ -164,12 +278,17 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
         prompts = check_request(body, limits)
         seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**31)
         request.state.log = f"prompts={len(prompts)} n={body.n} "
+        with busy["lock"]:
+            busy["optimizing"] += 1
         try:
             with model_lock:
                 results = optimizer.optimize(prompts, n=body.n, temperature=body.temperature, top_p=body.top_p,
                                              max_new_tokens=body.max_new_tokens, seed=seed)
         except ValueError as error:  # sampling options the optimizer rejects (temperature, top_p)
             raise RequestError(str(error)) from None
+        finally:
+            with busy["lock"]:
+                busy["optimizing"] -= 1
         return {"model": optimizer.name, "seed": seed,
                 "results": [{"prompt": p, "candidates": [{"text": c.text, "score": c.score} for c in cands]}
                             for p, cands in zip(prompts, results)]}
@@ -177,29 +296,85 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
     return app
 
 
+def _document_key(app) -> None:
+    """Declare the bearer key in the OpenAPI schema, so /docs has an "Authorize" button."""
+    schema_of = app.openapi
+
+    def openapi():
+        schema = schema_of()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+            "type": "http", "scheme": "bearer", "description": f"the server's key (--api-key or {API_KEY_ENV})"}
+        for path, operations in schema.get("paths", {}).items():
+            if path not in OPEN_PATHS:
+                for operation in operations.values():
+                    operation["security"] = [{"apiKey": []}]
+        return schema
+
+    app.openapi = openapi
+
+
 def serve(model, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "cpu",
-          limits: Optional[ServerLimits] = None, log_level: str = "info") -> None:
+          limits: Optional[ServerLimits] = None, log_level: str = "info", api_key: Optional[str] = None,
+          shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
     """Load ``model`` (a name/path for PromptOptimizer.from_pretrained, or a PromptOptimizer) once and
-    serve it with uvicorn until Ctrl-C."""
+    serve it with uvicorn until SIGTERM or Ctrl-C, which stop it gracefully: no new connections,
+    requests already received are answered (for at most ``shutdown_timeout`` s), then it returns."""
     import uvicorn
 
     from diffpo.prompt.optimizer import PromptOptimizer
 
+    warning = exposure_warning(host, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if not logging.getLogger().handlers:  # the CLI has no logging set up: show the request lines
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logger.setLevel(logging.INFO)
-    optimizer = model if isinstance(model, PromptOptimizer) else PromptOptimizer.from_pretrained(model, device=device)
-    app = create_app(optimizer, limits)
-    print(f"serving {optimizer.name} on http://{host}:{port} (POST /v1/optimize, docs at /docs; Ctrl-C to stop)",
-          flush=True)
-    # access_log off: the middleware already logs one line per request, with n and seconds
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    sock = listen(host, port)  # before the model loads: a busy port fails at once
+    try:
+        optimizer = model if isinstance(model, PromptOptimizer) else PromptOptimizer.from_pretrained(model, device=device)
+        app = create_app(optimizer, limits, api_key=api_key, bound_host=host)
+        port = sock.getsockname()[1]
+        # access_log off: the guard already logs one line per request, with n and seconds
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                               timeout_graceful_shutdown=shutdown_timeout))
+        with _signals_stop(server):
+            # the socket listens already: a client that connects now waits in the backlog
+            print(f"serving {optimizer.name} on http://{host}:{port} (POST /v1/optimize, docs at /docs"
+                  f"{'; API key required' if api_key else ''}; Ctrl-C or SIGTERM to stop)", flush=True)
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    print(f"stopped after {server.server_state.total_requests} requests", flush=True)
+
+
+@contextmanager
+def _signals_stop(server):
+    """SIGINT / SIGTERM stop ``server`` also before uvicorn has put in its own handlers (which stop it
+    gracefully). uvicorn re-raises the signal to these handlers when it is done; here that changes
+    nothing, so serve() returns and the command exits 0."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _serve_command(args) -> None:
     limits = ServerLimits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_prompts=args.max_prompts,
-                          max_new_tokens=args.max_new_tokens)
-    serve(args.model, host=args.host, port=args.port, device=args.device, limits=limits)
+                          max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
+                          rate_limit=args.rate_limit, rate_burst=args.rate_burst)
+    if not args.shutdown_timeout > 0:
+        raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} must be > 0 seconds")
+    serve(args.model, host=args.host, port=args.port, device=args.device, limits=limits,
+          api_key=resolve_api_key(args.api_key), shutdown_timeout=args.shutdown_timeout)
 
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
@@ -211,16 +386,19 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
                     '{"prompt": "a cat"} or {"prompts": [...]}, plus optional "n", "temperature", "top_p", '
                     '"max_new_tokens", "seed"; the answer is {"results": [{"prompt", "candidates": [{"text", '
                     '"score"}]}]}. GET /healthz for a health check, /docs for the interactive API docs. '
-                    "Requests beyond a limit get a 4xx JSON error naming it; concurrent requests are queued "
-                    "(the model runs one request at a time).",
+                    "Requests beyond a limit get a 4xx JSON error naming it (401 no API key, 413 body too large, "
+                    "422 a value out of range, 429 rate limit); concurrent requests are queued (the model runs one "
+                    "request at a time). Listens on 127.0.0.1 (this machine only) unless --host says otherwise; "
+                    "SIGTERM or Ctrl-C answers the requests already received, then exits.",
         epilog="example: serve runs/semdpo/final --port 8000   then   curl -s localhost:8000/v1/optimize "
                "-H 'content-type: application/json' -d '{\"prompt\": \"a cat on a sofa\", \"n\": 4}'")
     parser.add_argument("model", metavar="MODEL",
                         help="a prompt-train output folder (final/), 'smollm2' (the packaged SmolLM2-135M-Instruct), "
                              "'tiny' (a random LM for tests), a hub id or a local transformers/GGUF folder")
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    add_network_arguments(parser, DEFAULT_PORT, defaults.rate_limit, defaults.rate_burst, defaults.max_body_bytes)
+    parser.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                        help="seconds a stop waits for the requests already received (default "
+                             f"{DEFAULT_SHUTDOWN_TIMEOUT:g}); later ones are cancelled")
     parser.add_argument("--device", default="cpu", help="device of the LM, e.g. cpu, cuda, cuda:1 (default cpu)")
     parser.add_argument("--max-n", type=int, default=defaults.max_n,
                         help=f"most rewrites per prompt a request may ask for (default {defaults.max_n})")
