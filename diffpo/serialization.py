@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +120,12 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = f"it references {found.group(1)}" if found else "it holds objects that are not tensors"
         raise ValueError(
-            f"{path} is not a plain weights file: loading it would unpickle arbitrary objects ({first[:160]}). "
-            "diffpo loads .pt/.bin/.ckpt files only with torch.load(weights_only=True); get the checkpoint as "
-            "safetensors, or re-save its state dict from a trusted environment"
+            f"{path} is not a plain weights file ({what}; unpickling it could run code). diffpo loads .pt/.bin/.ckpt "
+            "files only with torch.load(weights_only=True): get the checkpoint as safetensors, or re-save its "
+            "state dict from a trusted environment"
         ) from None
 
 
