@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,8 +203,6 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one_and_latest_picks_
 
 
 def test_half_written_and_damaged_checkpoints_are_never_resumed_from(tmp_path, straight):
-    import shutil
-
     from diffpo.config import ConfigError
     from diffpo.trainers.common import checkpoint_dirs, remove_unfinished_checkpoints, resolve_resume
 
@@ -255,10 +254,35 @@ def test_d3po_killed_mid_round_resumes_bit_for_bit(tmp_path):
                         checkpoint_tensors(run_dir / "checkpoints" / "step-8"))
 
 
+@pytest.mark.slow
+def test_two_processes_checkpoint_and_resume_bit_for_bit(tmp_path, pairs8):
+    """torchrun, 2 CPU processes (gloo): per-process RNG files, a shared manifest, the same result."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = subprocess_env(ACCELERATE_USE_CPU="1")
+    common = [TINY, f"data.source={pairs8}", "max_steps=6", "train_batch_size=2", "log_every=1", "progress_bar=false",
+              "ema.enabled=true"]
+
+    def launch(*args):
+        result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "diffpo", "train", *map(str, args)],
+                                capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch(*common, f"output_dir={tmp_path / 'straight'}")
+    run_dir = tmp_path / "run"
+    launch(*common, f"output_dir={run_dir}", "checkpoint_every=2")
+    state = json.loads((run_dir / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert {"random_states_0.safetensors", "random_states_1.safetensors"} <= set(state["files"])
+    shutil.rmtree(run_dir / "checkpoints" / "step-6")  # as if the run had died after step 4
+    shutil.rmtree(run_dir / "final")
+    launch(run_dir / "config.yaml", "resume_from=latest")
+    a = load_file(tmp_path / "straight" / "final" / "pytorch_lora_weights.safetensors")
+    b = load_file(run_dir / "final" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(run_dir)] == [m["loss"] for m in metrics(tmp_path / "straight")]
+
+
 def test_full_finetune_resume_is_exact_and_checks_the_config(tmp_path, tiny_sd_dir, pairs8):
     """In process: the whole-UNet path (model.safetensors), and a checkpoint of another setup refused."""
-    import shutil
-
     from diffpo.config import ConfigError, TrainConfig, load_config
     from diffpo.trainers import run_training
 
