@@ -256,6 +256,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_total_limit: int | None = 3
     resume_from: str | None = None  # "latest" or a checkpoint folder
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop naming step, captions, last checkpoint; or skip that optimizer step
+    max_nonfinite_skips: int = 10  # on_nonfinite=skip: this many skipped steps in a row stop the run
     report_to: Literal["none", "tensorboard", "wandb", "all"] = "none"
     progress_bar: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -269,7 +271,7 @@ class TrainConfig:
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def __post_init__(self):
-        for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every"):
+        for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every", "max_nonfinite_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.cache.enabled and self.data.crop == "random":

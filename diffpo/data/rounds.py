@@ -5,7 +5,8 @@ A round is a folder ``RUN_DIR/rounds/round-NNNN/`` holding
 * ``round.json``: the prompts, ``samples_per_prompt`` images per prompt (the images of one prompt
   share x_T), the image files, and the pairs to judge as ``[group, a, b]`` (all pairs within a group);
 * ``images/gGGGG-sS.png``: the decoded samples;
-* ``trajectories.pt``: what training re-scores (latents per step, timesteps, text conditioning);
+* ``trajectories-pP.safetensors`` (per process P): what training re-scores (latents per step,
+  timesteps, log-probs, prompts), written with ``diffpo.serialization.save_state_file`` (no pickle);
 * ``labels.jsonl``: one JSON object per judgement, ``{"group", "a", "b", "choice", "time"}`` with
   ``choice`` one of ``"a"``, ``"b"``, ``"tie"``. Appended and fsynced line by line, so closing the
   labelling page (or killing its server) midway loses nothing; a later line for the same pair wins.

@@ -119,6 +119,41 @@ def read_manifest(path: Path) -> list[Sample]:
     return [Sample(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+SETTINGS_FILE = "settings.json"
+
+
+def claim_sample_folder(folder: Path, model: str, settings: dict) -> None:
+    """Record in ``folder/settings.json`` what its samples are generated with, or check that a
+    resumed run uses the same: PNGs are reused by file name, so samples of other settings (steps,
+    scheduler, weights, seed, prompt file, ...) must never be taken for this run's."""
+    folder = Path(folder)
+    path = folder / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings))  # as it reads back from disk (tuples -> lists)
+    if path.is_file():
+        stored, current = _flat(json.loads(path.read_text(encoding="utf-8"))), _flat(settings)
+        changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+        if changed:
+            key = changed[0]
+            raise ValueError(f"{folder} holds samples of model {model!r} made with other settings ({key}: "
+                             f"{stored.get(key)!r} then, {current.get(key)!r} now): use another output_dir, "
+                             f"another model name, or delete {folder}")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Callable
 from diffpo.config import save_config, to_dict
 from diffpo.eval.comparison import StatsOptions, compare
 from diffpo.eval.config import EvalConfig, EvalModelConfig, SamplingConfig, sampling_for, slug
-from diffpo.eval.generation import GenerationBackend, generate_samples, plan_samples, write_manifest
+from diffpo.eval.generation import GenerationBackend, claim_sample_folder, generate_samples, plan_samples, write_manifest
 from diffpo.eval.prompts import load_prompts
 from diffpo.eval.report import ReportOptions, write_report
 from diffpo.eval.scoring import TEMPORAL, load_heads, score_samples
@@ -62,6 +62,7 @@ def run_eval(config: EvalConfig, build_backend: BackendBuilder | None = None) ->
     samples, generation, counts = [], {}, {}
     for entry in config.models:
         sampling = sampling_for(config, entry)
+        claim_sample_folder(out / "samples" / slug(entry.name), entry.name, sample_settings(config, entry, sampling))
         planned = plan_samples(entry.name, f"samples/{slug(entry.name)}", prompts, sampling.images_per_prompt, config.seed)
         done, stats = generate_samples(lambda e=entry, s=sampling: build_backend(e, s, config.device, config.dtype),
                                        planned, out, sampling.batch_size, config.progress_bar, desc=entry.name)
@@ -76,6 +77,16 @@ def run_eval(config: EvalConfig, build_backend: BackendBuilder | None = None) ->
     meta = build_meta(config, prompts, generation, consistency)
     report = write_report(out, rows, results, report_options(config, f"diffpo eval: {', '.join(results['models'])}"), meta)
     return {**results, "output_dir": str(out), "report": str(report), "counts": counts, "seconds": time.time() - started}
+
+
+def sample_settings(config: EvalConfig, entry: EvalModelConfig, sampling: SamplingConfig) -> dict:
+    """What a model's samples depend on: its weights, the sampling settings, the seed, the dtype
+    and the prompt file (a sample's file name holds only its prompt row and image index). The
+    batch size and the number of prompts or images do not change a sample."""
+    model = {k: v for k, v in to_dict(entry).items() if k not in ("name", "sampling")}
+    drawn = {k: v for k, v in to_dict(sampling).items() if k not in ("batch_size", "images_per_prompt")}
+    prompts = {k: v for k, v in to_dict(config.prompts).items() if k in ("source", "format", "prompt_column", "split")}
+    return {"model": model, "sampling": drawn, "seed": config.seed, "dtype": config.dtype, "prompts": prompts}
 
 
 def _consistency_embedder(config: EvalConfig, heads: dict):

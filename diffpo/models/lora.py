@@ -48,24 +48,37 @@ def export_lora(unet, pipeline_class, out_dir: str | Path) -> Path:
 LORA_CHECKPOINT_NAME = "lora_adapter.safetensors"
 
 
+def lora_checkpoint_state(model) -> dict:
+    """The trained adapter of ``model`` (peft's state-dict format), on the CPU, ready for safetensors."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_lora_checkpoint_state(model, state: dict, source) -> None:
+    """Put ``lora_checkpoint_state`` output back into ``model``; weights this model lacks are an error."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"checkpoint {source} holds LoRA weights this model lacks: {result.unexpected_keys[:3]}")
+
+
 def register_lora_checkpointing(accelerator, unet) -> None:
     """Make ``accelerator.save_state`` store only the LoRA weights (MBs, not the whole UNet's GBs)
-    and ``load_state`` put them back into ``unet``."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    and ``load_state`` put them back into ``unet``. (diffpo's own checkpoints, trainers.training_state,
+    do the same without these hooks; accelerate's format is used for FSDP / DeepSpeed.)"""
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
         for model in models:
-            state = get_peft_model_state_dict(accelerator.unwrap_model(model))
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(Path(output_dir) / LORA_CHECKPOINT_NAME))
+            save_file(lora_checkpoint_state(accelerator.unwrap_model(model)), str(Path(output_dir) / LORA_CHECKPOINT_NAME))
         weights.clear()  # the base weights never change: do not write them
 
     def load_hook(models, input_dir):
         state = load_file(str(Path(input_dir) / LORA_CHECKPOINT_NAME))
         while models:
-            result = set_peft_model_state_dict(accelerator.unwrap_model(models.pop()), state)
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"checkpoint {input_dir} holds LoRA weights this model lacks: {result.unexpected_keys[:3]}")
+            load_lora_checkpoint_state(accelerator.unwrap_model(models.pop()), state, input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

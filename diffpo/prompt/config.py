@@ -23,6 +23,7 @@ class RewriterConfig:
     temperature: float = 0.8  # 0: greedy
     top_p: float = 0.95
     max_new_tokens: int = 64
+    trust_remote_code: bool = False  # run Python code a hub model ships (auto_map): only for authors you trust
 
     def __post_init__(self):
         if "{prompt}" not in self.instruction:

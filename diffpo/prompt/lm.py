@@ -72,12 +72,24 @@ def build_tiny_lm(seed: int = 0):
     return _finish(model, tokenizer)
 
 
-def load_rewriter(name_or_path: str, device: str = "cpu", dtype=torch.float32):
+def load_rewriter(name_or_path: str, device: str = "cpu", dtype=torch.float32, trust_remote_code: bool = False):
     """(model, tokenizer) for ``name_or_path``: ``"smollm2"`` (the bundled GGUF SmolLM2-135M-Instruct),
     ``"tiny"`` (:func:`build_tiny_lm`), a diffpo prompt-train output (``final/`` with a LoRA adapter and
     ``diffpo_rewriter.json``; the adapter is merged), a folder holding one ``.gguf`` file, a ``.gguf``
-    file, a local transformers folder or a hub id. The tokenizer pads on the left and has a pad token."""
+    file, a local transformers folder or a hub id. The tokenizer pads on the left and has a pad token.
+    A model that ships its own Python code (``auto_map``) is refused unless ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def from_pretrained(source: str):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+            return model, AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except ValueError as error:
+            if "trust_remote_code" not in str(error):
+                raise
+            raise ValueError(f"rewriter {source!r} ships its own model code, which diffpo does not run unless asked: "
+                             "use a model transformers supports natively, or set rewriter.trust_remote_code=true "
+                             "if you trust its author") from None
 
     if name_or_path == "tiny":
         model, tokenizer = build_tiny_lm(0)
@@ -91,8 +103,8 @@ def load_rewriter(name_or_path: str, device: str = "cpu", dtype=torch.float32):
         if (path / REWRITER_FILE).is_file():
             return _load_trained(path, device, dtype)
         if (path / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-            return _finish(model.to(device), AutoTokenizer.from_pretrained(str(path)))
+            model, tokenizer = from_pretrained(str(path))
+            return _finish(model.to(device), tokenizer)
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if len(ggufs) == 1:
             return _load_gguf(path, ggufs[0], device, dtype)
@@ -104,8 +116,7 @@ def load_rewriter(name_or_path: str, device: str = "cpu", dtype=torch.float32):
         raise ValueError(f"rewriter {name_or_path!r} is not an existing path, a hub id (owner/name) or an alias "
                          f"('{DEFAULT_REWRITER}', 'tiny'): check the path")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model, tokenizer = from_pretrained(name_or_path)
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"rewriter {name_or_path!r} could not be loaded from the hub ({first}): "

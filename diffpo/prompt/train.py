@@ -111,7 +111,8 @@ def _train(config: PromptTrainConfig) -> Path:
     accelerator = make_accelerator(config, 1)
     run_dir = prepare_run_dir(config, accelerator.is_main_process)
     set_seed(config.seed)
-    model, tokenizer = load_rewriter(config.rewriter.model, device=str(accelerator.device))
+    model, tokenizer = load_rewriter(config.rewriter.model, device=str(accelerator.device),
+                                     trust_remote_code=config.rewriter.trust_remote_code)
     template = config.rewriter.template()
     model = attach_rewriter_lora(model, config.lora)
     model.train()

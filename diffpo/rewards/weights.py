@@ -54,8 +54,11 @@ def resolve_checkpoint(path: str | None, filename: str, repo: str, source: str |
 
 
 def load_state_dict(file: str, key: str | None = None) -> dict:
-    """``torch.load(weights_only=True)`` of a checkpoint; ``key`` picks a nested state dict."""
-    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    """A checkpoint's tensors (``diffpo.serialization.load_torch_file``: safetensors, or
+    ``torch.load(weights_only=True)``, which refuses pickled code); ``key`` picks a nested state dict."""
+    from diffpo.serialization import load_torch_file
+
+    checkpoint = load_torch_file(file)
     if key is not None:
         if not isinstance(checkpoint, dict) or key not in checkpoint:
             found = list(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -109,13 +110,47 @@ def build_optimizer(params, optim):
                      weight_decay=optim.weight_decay)
 
 
+TMP_PREFIX = ".tmp-"  # a checkpoint being written; renamed to step-N once complete
+OLD_PREFIX = ".old-"  # a checkpoint of the same step being replaced
+KILL_DURING_SAVE = "DIFFPO_TEST_KILL_DURING_SAVE"  # tests only: SIGKILL this process mid-save at that step
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """True when ``path`` holds a readable trainer state and every file its manifest lists, whole."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    files = state.get("files", {}) if isinstance(state, dict) else None
+    if not isinstance(files, dict):
+        return False
+    for name, size in files.items():
+        try:
+            if (path / name).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (those with a trainer state), oldest first."""
+    """Complete checkpoints, oldest first. Half-written ones (``.tmp-*`` of a killed save) and
+    folders whose files do not match their manifest are never listed."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and checkpoint_complete(p)]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def remove_unfinished_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete what killed saves left in ``RUN_DIR/checkpoints`` (``.tmp-*``, ``.old-*``); returns them."""
+    root = run_dir / "checkpoints"
+    stale = [p for p in root.iterdir() if p.name.startswith((TMP_PREFIX, OLD_PREFIX))] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def resolve_resume(run_dir: Path, resume_from: str | None) -> Path | None:
@@ -127,35 +162,53 @@ def resolve_resume(run_dir: Path, resume_from: str | None) -> Path | None:
     path = Path(resume_from)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"resume_from={resume_from!r} is not a diffpo checkpoint folder (no {STATE_FILE}); use 'latest' or a checkpoints/step-N folder")
+    if not checkpoint_complete(path):
+        raise ConfigError(f"resume_from={resume_from!r} is an incomplete checkpoint (its files do not match {STATE_FILE}): "
+                          "use 'latest' or an older checkpoints/step-N folder")
     return path
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None,
                     extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then an atomic rename; keep the last ``keep``.
+    """Write the training state (``training_state.save_training_state``: safetensors only) into a
+    temporary folder, fsync it, then rename it to ``checkpoints/step-N``; keep the last ``keep``.
 
-    ``extras`` maps file names to tensors a loop keeps outside accelerate (a replay buffer), written
-    by every process as ``NAME.safetensors`` (so names carry the process index where they differ)."""
+    ``trainer_state.json`` (the loop's counters and a manifest of every file with its size) is
+    written last, so a kill at any moment leaves either the previous checkpoints untouched plus a
+    ``.tmp-step-N`` that nothing reads (and the next save or resume deletes), or a complete
+    ``step-N``. ``extras`` maps file names to tensors a loop keeps outside accelerate (a replay
+    buffer), written by every process as ``NAME.safetensors`` (names carry the process index where
+    they differ)."""
     from safetensors.torch import save_file
 
+    from diffpo.serialization import fsync_tree
+    from diffpo.trainers.training_state import save_training_state
+
     root = run_dir / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{state['global_step']}"
-    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state['global_step']}"
+    name = f"{CHECKPOINT_PREFIX}{state['global_step']}"
+    final, tmp, old = root / name, root / f"{TMP_PREFIX}{name}", root / f"{OLD_PREFIX}{name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_unfinished_checkpoints(run_dir)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    for name, tensors in (extras or {}).items():
-        save_file(tensors, str(tmp / f"{name}.safetensors"))
+    save_training_state(accelerator, tmp)
+    for extra, tensors in (extras or {}).items():
+        save_file(tensors, str(tmp / f"{extra}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
+        if os.environ.get(KILL_DURING_SAVE) == str(state["global_step"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # the state files are written, the manifest not yet
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "files": files}))
+        fsync_tree(tmp)
+        if final.exists():  # the same step saved again (a resumed run that was already done): swap
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         if keep:
-            for old in checkpoint_dirs(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            for stale in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -183,13 +236,11 @@ class MetricsLog:
 
 
 def check_finite(loss: torch.Tensor, step: int, captions: list[str], run_dir: Path) -> None:
+    """Stop on a NaN/inf loss (loops without ``on_nonfinite`` use this; see trainers.nonfinite)."""
+    from diffpo.trainers.nonfinite import nonfinite_message
+
     if not math.isfinite(float(loss.detach())):
-        found = checkpoint_dirs(run_dir)
-        last = str(found[-1]) if found else "none yet"
-        raise FloatingPointError(
-            f"loss is {float(loss.detach())} at step {step} (captions: {captions[:4]}); last good checkpoint: {last}. "
-            "Lower optim.lr or objective.beta, or check the data"
-        )
+        raise FloatingPointError(nonfinite_message("loss", float(loss.detach()), step, captions, run_dir, skip_hint=False))
 
 
 def make_accelerator(config, gradient_accumulation_steps: int):
@@ -303,12 +354,41 @@ def checkpoint_extra(run_dir: Path, resume_from: str | None, name: str) -> dict[
 
 def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict) -> tuple[dict, MetricsLog]:
     """Load the checkpoint ``resume_from`` names (if any) into the accelerator and ``state`` (the
-    loop's counters); a fresh run starts a new ``metrics.jsonl``. Returns (state, metrics log)."""
+    loop's counters); a fresh run starts a new ``metrics.jsonl``. Metrics logged after the
+    checkpoint by the run that died are dropped, so the resumed log reads like an uninterrupted
+    one. Returns (state, metrics log)."""
+    from diffpo.trainers.training_state import load_training_state
+
     checkpoint = resolve_resume(run_dir, resume_from)
+    metrics = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        remove_unfinished_checkpoints(run_dir)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = {**state, **json.loads((checkpoint / STATE_FILE).read_text())}
+        load_training_state(accelerator, checkpoint)
+        saved = json.loads((checkpoint / STATE_FILE).read_text())
+        saved.pop("files", None)
+        state = {**state, **saved}
+        if accelerator.is_main_process:
+            truncate_metrics(metrics, state["global_step"])
         accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
     elif accelerator.is_main_process:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return state, MetricsLog(accelerator, run_dir / "metrics.jsonl")
+        metrics.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return state, MetricsLog(accelerator, metrics)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (and none cut short by a kill)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)

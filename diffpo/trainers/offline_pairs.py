@@ -32,7 +32,6 @@ from diffpo.trainers.common import (
     CurriculumSampler,
     EpochSampler,
     build_optimization,
-    check_finite,
     export_final,
     load_policy,
     make_accelerator,
@@ -45,6 +44,7 @@ from diffpo.trainers.common import (
     step_generator,
 )
 from diffpo.trainers.preflight import check_free_space
+from diffpo.trainers.nonfinite import NonfiniteGuard
 
 
 def train(config: TrainConfig) -> Path:
@@ -133,6 +133,7 @@ def _train(config: TrainConfig) -> Path:
     bad_samples = BadSampleLog(accelerator, run_dir, micro_step)  # data.skip_bad_samples: RUN_DIR/bad_samples.jsonl
     if config.cache.enabled:
         bad_samples.add(cached_bad_samples(folder), micro_step=-1, step=0)
+    nonfinite = NonfiniteGuard(accelerator, run_dir, config.on_nonfinite, config.max_nonfinite_skips, state)
 
     # ---- one micro-step -----------------------------------------------------------------------
     def feedback_batch_loss(batch: dict, generator: torch.Generator):
@@ -205,21 +206,24 @@ def _train(config: TrainConfig) -> Path:
             with accelerator.accumulate(unet):
                 batch_loss = feedback_batch_loss if config.data.feedback_column else micro_batch_loss
                 loss, metrics = batch_loss(batch, step_generator(config.seed, micro_step, accelerator.process_index))
-                check_finite(loss, global_step, batch["caption"], run_dir)
+                finite = nonfinite.check_loss(loss, global_step + 1, batch["caption"])  # stop: raises
                 bad_samples.add(skipped_records(batch), micro_step, global_step + 1)
-                accelerator.backward(loss)
+                if finite:
+                    accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
                     max_norm = config.optim.max_grad_norm or float("inf")
                     grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-                optimizer.step()
+                    if nonfinite.step_ok(grad_norm, global_step + 1, batch["caption"]):  # skip: False drops the step
+                        optimizer.step()
                 lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
             log.count(len(batch["caption"]))
-            for key, value in {"loss": loss.detach(), **metrics}.items():
-                window[key] = window.get(key, 0.0) + float(value)
-            window_count += 1
+            if finite:  # a skipped batch's NaNs stay out of the logged means
+                for key, value in {"loss": loss.detach(), **metrics}.items():
+                    window[key] = window.get(key, 0.0) + float(value)
+                window_count += 1
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -227,23 +231,27 @@ def _train(config: TrainConfig) -> Path:
                 ema.step(params)
             progress.update(1)
             if global_step % config.log_every == 0 or global_step == config.max_steps:
-                means = torch.tensor([v / window_count for v in window.values()], device=accelerator.device)
+                window = window or {"loss": float("nan")}  # every step of the window was skipped
+                means = torch.tensor([v / max(window_count, 1) for v in window.values()], device=accelerator.device)
                 means = accelerator.reduce(means, reduction="mean")
                 values = dict(zip(window.keys(), means.tolist()))
                 bad_samples.flush()
                 values.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                              lr=lr_schedule.get_last_lr()[0], epoch=epoch, bad_samples=bad_samples.count)
+                              lr=lr_schedule.get_last_lr()[0], epoch=epoch, bad_samples=bad_samples.count,
+                              skipped_steps=nonfinite.skipped)
                 record = log.write(global_step, values)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
                 window, window_count = {}, 0
             if config.checkpoint_every and global_step % config.checkpoint_every == 0 and global_step < config.max_steps:
                 bad_samples.flush()
-                save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step}, config.checkpoints_total_limit)
+                save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step,
+                                                       **nonfinite.state()}, config.checkpoints_total_limit)
             if global_step >= config.max_steps:
                 break
     progress.close()
     bad_samples.flush()
-    save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step}, config.checkpoints_total_limit)
+    save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step, **nonfinite.state()},
+                    config.checkpoints_total_limit)
 
     # ---- export -------------------------------------------------------------------------------
     export_final(accelerator, unet, stack, config, run_dir, global_step, ema, params)

@@ -34,10 +34,10 @@ from tqdm import tqdm
 from diffpo.config import ConfigError, TrainConfig
 from diffpo.dtypes import MIXED_PRECISION_DTYPES
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
+from diffpo.serialization import load_state_file, save_state_file
 from diffpo.trainers.common import (
     EpochSampler,
     build_optimization,
-    check_finite,
     checkpoint_extra,
     export_final,
     load_policy,
@@ -51,6 +51,7 @@ from diffpo.trainers.common import (
     step_generator,
 )
 from diffpo.trainers.preflight import check_free_space
+from diffpo.trainers.nonfinite import NonfiniteGuard
 
 ROUND_SEED_OFFSET = 7_777_777  # round sampling draws from its own stream, apart from the micro-steps'
 
@@ -176,6 +177,7 @@ def _train(config: TrainConfig) -> Path:
     # ---- resume -------------------------------------------------------------------------------
     state, log = resume(accelerator, run_dir, config.resume_from,
                         {"global_step": 0, "micro_step": 0, "round": 0, "round_step": 0, "expert_batches": 0})
+    nonfinite = NonfiniteGuard(accelerator, run_dir, config.on_nonfinite, config.max_nonfinite_skips, state)
     pool = load_pool(run_dir / "pool", online.pool_strategy, state["global_step"]) if config.method == "seppo" else None
     replay = replay_name = None
     if is_dro:  # the buffer and the lagged copy as the checkpoint left them (the copy: the policy itself when in sync)
@@ -225,9 +227,9 @@ def _train(config: TrainConfig) -> Path:
         folder = round_files.round_dir(run_dir, index)
         suffix = f"-p{accelerator.process_index}"
         (folder / "images").mkdir(parents=True, exist_ok=True)
-        torch.save({"latents": trajectory.latents.cpu(), "timesteps": trajectory.timesteps, "eta": trajectory.eta,
-                    "prev_timesteps": trajectory.prev_timesteps, "log_probs": trajectory.log_probs.cpu(),
-                    "prompts": prompts}, folder / f"trajectories{suffix}.pt")
+        save_state_file({"latents": trajectory.latents.cpu(), "timesteps": trajectory.timesteps, "eta": trajectory.eta,
+                         "prev_timesteps": trajectory.prev_timesteps, "log_probs": trajectory.log_probs.cpu(),
+                         "prompts": prompts}, folder / f"trajectories{suffix}.safetensors")
         if online.reference == "previous_round":  # the model that sampled this round is its reference
             from safetensors.torch import save_file
 
@@ -254,7 +256,7 @@ def _train(config: TrainConfig) -> Path:
 
         folder = round_files.round_dir(run_dir, index)
         suffix = f"-p{accelerator.process_index}"
-        stored = torch.load(folder / f"trajectories{suffix}.pt", weights_only=True)
+        stored = load_state_file(folder / f"trajectories{suffix}.safetensors")
         manifest = round_files.read_manifest(folder)
         k = online.samples_per_prompt
         if human:
@@ -457,14 +459,18 @@ def _train(config: TrainConfig) -> Path:
                 batch = next(batches)
                 metrics = seppo_micro_step(batch, generator, 1 / accumulation, sync)
                 captions = batch["caption"]
-            check_finite(torch.tensor(metrics["loss"]), state["global_step"], captions, run_dir)
+            # the micro-step has back-propagated already: a bad loss makes step_ok drop the whole step
+            nonfinite.check_loss(metrics["loss"], state["global_step"] + 1, captions)  # stop: raises
             for key, value in metrics.items():
                 metrics_sum[key] = metrics_sum.get(key, 0.0) + value / accumulation
             state["micro_step"] += 1
             log.count(int(metrics.get("pairs_per_batch", config.train_batch_size)))
         max_norm = config.optim.max_grad_norm or float("inf")
         grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-        optimizer.step()
+        stepped = nonfinite.step_ok(grad_norm, state["global_step"] + 1, captions)  # skip: False drops the step
+        if stepped:
+            optimizer.step()
+        state.update(nonfinite.state())
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         state["global_step"] += 1
@@ -479,21 +485,24 @@ def _train(config: TrainConfig) -> Path:
             pool.add(snapshot)
             if accelerator.is_main_process:
                 save_pool_entry(run_dir / "pool", len(pool) - 1, step, snapshot)
-        for key, value in metrics_sum.items():
-            window[key] = window.get(key, 0.0) + value
-        window_count += 1
+        if stepped:  # a skipped step's NaNs stay out of the logged means
+            for key, value in metrics_sum.items():
+                window[key] = window.get(key, 0.0) + value
+            window_count += 1
         progress.update(1)
         if step % config.log_every == 0 or step == config.max_steps:
+            window = window or {"loss": float("nan")}  # every step of the window was skipped
             keys = sorted(window)
-            means = accelerator.reduce(torch.tensor([window[k] / window_count for k in keys], device=accelerator.device),
+            means = accelerator.reduce(torch.tensor([window[k] / max(window_count, 1) for k in keys], device=accelerator.device),
                                        reduction="mean")
             values = dict(zip(keys, means.tolist()))
-            values.update(grad_norm=float(grad_norm), lr=lr_schedule.get_last_lr()[0])
+            values.update(grad_norm=float(grad_norm), lr=lr_schedule.get_last_lr()[0], skipped_steps=nonfinite.skipped)
             if is_d3po:  # the round being trained: its rewards, ties, labels
                 values.update(current.stats, round=float(state["round"]))
             record = log.write(step, values)
-            shown = ({"acc": record["implicit_acc"]} if is_d3po else {"active": record["active"]} if is_dro
-                     else {"flip": record["flip_rate"]})
+            nan = float("nan")
+            shown = ({"acc": record.get("implicit_acc", nan)} if is_d3po else {"active": record.get("active", nan)}
+                     if is_dro else {"flip": record.get("flip_rate", nan)})
             progress.set_postfix(loss=f"{record['loss']:.4f}", **{k: f"{v:.2f}" for k, v in shown.items()})
             window, window_count = {}, 0
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:

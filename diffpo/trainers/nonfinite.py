@@ -1,0 +1,87 @@
+"""What a NaN or inf loss (or gradient norm) does to a training run: ``on_nonfinite`` in the config.
+
+* ``stop`` (default): the run ends with one line naming the step, the batch's captions and the
+  last good checkpoint. The check comes before the optimizer step, so the weights of the last
+  checkpoint (and of the run so far) were never touched by the bad batch.
+* ``skip``: the optimizer step of that batch is dropped (the weights and the optimizer state stay
+  as they were; the data order and the learning-rate schedule move on as if it had been taken),
+  ``skipped_steps`` in ``metrics.jsonl`` counts it, and ``max_nonfinite_skips`` skipped steps in a
+  row end the run as ``stop`` would: a model that only produces NaN is not training.
+
+The decision is taken alike on every process (one all-reduce of a flag), so that no process waits
+in a collective the others skipped. With fp16 mixed precision an inf gradient norm is the gradient
+scaler's business (it skips the step and lowers the scale itself) and is not counted here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def last_checkpoint(run_dir: Path) -> str:
+    from diffpo.trainers.common import checkpoint_dirs
+
+    found = checkpoint_dirs(run_dir)
+    return str(found[-1]) if found else "none yet"
+
+
+def nonfinite_message(what: str, value: float, step: int, captions, run_dir: Path, skip_hint: bool = True) -> str:
+    return (f"{what} is {value} at step {step} (captions: {list(captions)[:4]}); last good checkpoint: "
+            f"{last_checkpoint(run_dir)}. Lower optim.lr or objective.beta, check the data"
+            + (", or set on_nonfinite=skip to drop such steps" if skip_hint else ""))
+
+
+class NonfiniteGuard:
+    """Per run: ``check_loss`` after each micro-step's loss, ``step_ok`` once per optimizer step.
+    ``state()`` goes into the checkpoint so that counts survive a resume."""
+
+    def __init__(self, accelerator, run_dir: Path, mode: str, max_skips: int, state: dict | None = None):
+        self.accelerator, self.run_dir, self.mode, self.max_skips = accelerator, Path(run_dir), mode, max_skips
+        state = state or {}
+        self.skipped = int(state.get("skipped_steps", 0))
+        self.in_a_row = int(state.get("skipped_in_a_row", 0))
+        self.pending: tuple[float, int, list] | None = None  # (loss, step, captions) of this step's first bad loss
+
+    def state(self) -> dict:
+        return {"skipped_steps": self.skipped, "skipped_in_a_row": self.in_a_row}
+
+    def _any_process(self, bad: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return bad
+        flag = torch.tensor([float(bad)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def check_loss(self, loss, step: int, captions) -> bool:
+        """True when the micro-step's loss is finite on every process (then back-propagate it)."""
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not self._any_process(not math.isfinite(value)):
+            return True
+        if self.mode == "stop":
+            raise FloatingPointError(nonfinite_message("loss", value, step, captions, self.run_dir))
+        if self.pending is None:
+            self.pending = (value, step, list(captions))
+        return False
+
+    def step_ok(self, grad_norm, step: int, captions) -> bool:
+        """Call after clipping, before ``optimizer.step()``: True to take the step, False to skip it."""
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        bad_grad = not math.isfinite(norm) and self.accelerator.scaler is None
+        if bad_grad and self.mode == "stop":
+            raise FloatingPointError(nonfinite_message("the gradient norm", norm, step, captions, self.run_dir))
+        pending, self.pending = self.pending, None
+        if pending is None and not bad_grad:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_skips:
+            value, _, bad_captions = pending or (norm, step, list(captions))
+            raise FloatingPointError(
+                f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient (max_nonfinite_skips="
+                f"{self.max_skips}; the last at step {step}, value {value}, captions: {bad_captions[:4]}); the "
+                f"weights are those of step {step - self.in_a_row}; last good checkpoint: "
+                f"{last_checkpoint(self.run_dir)}. Lower optim.lr or objective.beta, or check the data")
+        return False
