@@ -55,7 +55,7 @@ def register_lora_checkpointing(accelerator, unet) -> None:
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
-        for model in models:
+        for model in models if accelerator.is_main_process else []:  # one writer: every process holds the same weights
             state = get_peft_model_state_dict(accelerator.unwrap_model(model))
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(Path(output_dir) / LORA_CHECKPOINT_NAME))
         weights.clear()  # the base weights never change: do not write them

@@ -143,7 +143,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None,
         save_file(tensors, str(tmp / f"{name}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "num_processes": accelerator.num_processes}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if keep:
@@ -175,12 +175,14 @@ class MetricsLog:
         return record
 
 
-def check_finite(loss: torch.Tensor, step: int, captions: list[str], run_dir: Path) -> None:
-    if not math.isfinite(float(loss.detach())):
+def check_finite(loss: torch.Tensor | float, step: int, captions: list[str], run_dir: Path) -> None:
+    """Stop on a NaN/inf loss (a tensor is read on the host: call it where a sync is acceptable)."""
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    if not math.isfinite(value):
         found = checkpoint_dirs(run_dir)
         last = str(found[-1]) if found else "none yet"
         raise FloatingPointError(
-            f"loss is {float(loss.detach())} at step {step} (captions: {captions[:4]}); last good checkpoint: {last}. "
+            f"loss is {value} at step {step} (captions: {captions[:4]}); last good checkpoint: {last}. "
             "Lower optim.lr or objective.beta, or check the data"
         )
 
@@ -294,14 +296,41 @@ def checkpoint_extra(run_dir: Path, resume_from: str | None, name: str) -> dict[
     return load_file(str(path)) if path is not None and path.is_file() else None
 
 
-def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict) -> tuple[dict, MetricsLog]:
+def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict,
+           lr_schedule=None) -> tuple[dict, MetricsLog]:
     """Load the checkpoint ``resume_from`` names (if any) into the accelerator and ``state`` (the
-    loop's counters); a fresh run starts a new ``metrics.jsonl``. Returns (state, metrics log)."""
+    loop's counters); a fresh run starts a new ``metrics.jsonl``. Returns (state, metrics log).
+
+    A checkpoint saved by another number of processes loads where accelerate allows it (DDP: the
+    full weights and optimizer state; FSDP sharded states through torch.distributed.checkpoint);
+    accelerate steps a prepared schedule once per process per optimizer step, so ``lr_schedule``
+    is moved to where this process count would have it."""
     checkpoint = resolve_resume(run_dir, resume_from)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state = {**state, **json.loads((checkpoint / STATE_FILE).read_text())}
-        accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
+        saved_processes = state.get("num_processes", accelerator.num_processes)
+        if saved_processes != accelerator.num_processes and lr_schedule is not None:
+            schedule = getattr(lr_schedule, "scheduler", lr_schedule)
+            schedule.last_epoch = state["global_step"] * accelerator.num_processes - 1
+            schedule.step()  # recomputes every group's lr at the new position
+        accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}"
+                          + (f" (saved by {saved_processes} processes)" if saved_processes != accelerator.num_processes else ""))
     elif accelerator.is_main_process:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     return state, MetricsLog(accelerator, run_dir / "metrics.jsonl")
+
+
+def resumed_micro_step(state: dict, batches_per_epoch: int, global_batch: int) -> int:
+    """The micro-step to continue at when ``global_batch`` (pairs per micro-step over all
+    processes) may differ from the saved run's: the same epoch, the same pairs consumed in it.
+    Every pair draws its randomness from its own stream (``PairStreams``), so the continuation
+    sees the same pairs with the same noise as the saved run would have."""
+    if "epoch_pairs" not in state:  # a fresh run, or a checkpoint from before positions were saved
+        return state["micro_step"]
+    if state["epoch_pairs"] % global_batch:
+        raise ConfigError(
+            f"the checkpoint is {state['epoch_pairs']} pairs into epoch {state['epoch']}, which batches of "
+            f"{global_batch} pairs (train_batch_size x processes) do not divide: resume with a train_batch_size "
+            "or process count whose product divides it")
+    return state["epoch"] * batches_per_epoch + state["epoch_pairs"] // global_batch

@@ -18,11 +18,13 @@ from diffpo.config import ConfigError, TrainConfig
 from diffpo.dtypes import MIXED_PRECISION_DTYPES
 from diffpo.kernel.denoising import (
     NoisedPairs,
+    PairStreams,
     noise_pairs,
     pair_errors,
     pair_noise,
     per_sample_error,
     prediction_target,
+    to_device,
 )
 from diffpo.kernel.inversion import invert_to_timesteps, inversion_target
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
@@ -41,8 +43,8 @@ from diffpo.trainers.common import (
     reference_dtype,
     resume,
     run_resetting_accelerate,
+    resumed_micro_step,
     save_checkpoint,
-    step_generator,
 )
 
 
@@ -104,6 +106,13 @@ def _train(config: TrainConfig) -> Path:
 
     optimizer, lr_schedule, lr = build_optimization(config, params, accelerator)
     unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)
+    global_batch = config.train_batch_size * accelerator.num_processes  # pairs per micro-step, all processes
+
+    def position(step: int, micro: int) -> dict:
+        """The run's place in the data: counters, and the pairs consumed in the current epoch (for a
+        resume with another process count or batch size)."""
+        epoch, batches = divmod(micro, len(loader))
+        return {"global_step": step, "micro_step": micro, "epoch": epoch, "epoch_pairs": batches * global_batch}
     if config.finetune == "lora":
         register_lora_checkpointing(accelerator, unet)
     ema = make_ema(config, params, accelerator)
@@ -122,19 +131,19 @@ def _train(config: TrainConfig) -> Path:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 
     # ---- resume -------------------------------------------------------------------------------
-    state, log = resume(accelerator, run_dir, config.resume_from, {"global_step": 0, "micro_step": 0})
-    global_step, micro_step = state["global_step"], state["micro_step"]
+    state, log = resume(accelerator, run_dir, config.resume_from, {"global_step": 0, "micro_step": 0}, lr_schedule)
+    global_step, micro_step = state["global_step"], resumed_micro_step(state, len(loader), global_batch)
 
     # ---- one micro-step -----------------------------------------------------------------------
-    def feedback_batch_loss(batch: dict, generator: torch.Generator):
+    def feedback_batch_loss(batch: dict, streams: PairStreams):
         """Diffusion-KTO on unpaired feedback (``data.feedback_column``): every image noised on its
         own (no pair to share noise with), policy and reference errors, the per-image KTO loss."""
         mean, std = stack.encode_images(batch["pixels_w"])
-        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        eps = to_device(streams.randn(mean.shape[1:]), mean.device)
         latents = stack.latents_from_distribution(mean, std, eps).to(weight_dtype)
-        drop = torch.rand(latents.shape[0], generator=generator) < config.data.prompt_dropout
+        drop = streams.rand() < config.data.prompt_dropout
         text = stack.encode_prompts(batch["caption"]).where(drop, empty_text)
-        noise, timesteps = pair_noise(latents, stack.noise_scheduler.config.num_train_timesteps, generator)
+        noise, timesteps = pair_noise(latents, stack.noise_scheduler.config.num_train_timesteps, streams)
         time_ids = None
         if stack.family.name == "sdxl":
             time_ids = sdxl_time_ids(batch["original_size_w"], batch["crop_w"], resolution)
@@ -147,7 +156,7 @@ def _train(config: TrainConfig) -> Path:
         per_image, metrics = kto_feedback_loss(policy_err, ref_err, torch.as_tensor(batch["desirable"]), config.objective.beta)
         return per_image.mean(), metrics
 
-    def micro_batch_loss(batch: dict, generator: torch.Generator):
+    def micro_batch_loss(batch: dict, streams: PairStreams):
         if "mean_w" in batch:  # from the cache
             mean = torch.cat([batch["mean_w"], batch["mean_l"]]).to(accelerator.device, torch.float32)
             std = torch.cat([batch["std_w"], batch["std_l"]]).to(accelerator.device, torch.float32)
@@ -156,12 +165,12 @@ def _train(config: TrainConfig) -> Path:
         else:
             mean, std = stack.encode_images(torch.cat([batch["pixels_w"], batch["pixels_l"]]))
             text = stack.encode_prompts(batch["caption"])
-        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        eps = to_device(torch.cat([streams.randn(mean.shape[1:]), streams.randn(mean.shape[1:])]), mean.device)
         latents = stack.latents_from_distribution(mean, std, eps).to(weight_dtype)
         latents_w, latents_l = latents.chunk(2)
-        drop = torch.rand(latents_w.shape[0], generator=generator) < config.data.prompt_dropout
+        drop = streams.rand() < config.data.prompt_dropout
         text = text.where(drop, empty_text).repeat_pairs()
-        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, generator)
+        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, streams)
         noised = noise_pairs(stack.noise_scheduler, latents_w, latents_l, noise, timesteps)
         time_ids = None
         if stack.family.name == "sdxl":
@@ -184,8 +193,18 @@ def _train(config: TrainConfig) -> Path:
     # ---- train --------------------------------------------------------------------------------
     progress = tqdm(total=config.max_steps, initial=global_step, desc=f"train {config.method}",
                     disable=not (accelerator.is_main_process and config.progress_bar))
-    window: dict[str, float] = {}
+    # metric sums stay on the device: the host reads them (one sync) only at logging and checkpoint steps
+    window: dict[str, torch.Tensor] = {}
     window_count = 0
+
+    def window_means(captions: list[str]) -> dict[str, float]:
+        """Means over the micro-steps since the last log, averaged over processes; a NaN/inf loss
+        on any process stops every process here (the check needs the host to read the loss)."""
+        means = accelerator.reduce(torch.stack([v / window_count for v in window.values()]), reduction="mean")
+        values = dict(zip(window.keys(), means.tolist()))
+        check_finite(values["loss"], global_step, captions, run_dir)
+        return values
+
     while global_step < config.max_steps:
         epoch, skip = divmod(micro_step, len(loader))
         sampler.start_epoch(epoch)
@@ -194,8 +213,7 @@ def _train(config: TrainConfig) -> Path:
         for batch in batches:
             with accelerator.accumulate(unet):
                 batch_loss = feedback_batch_loss if config.data.feedback_column else micro_batch_loss
-                loss, metrics = batch_loss(batch, step_generator(config.seed, micro_step, accelerator.process_index))
-                check_finite(loss, global_step, batch["caption"], run_dir)
+                loss, metrics = batch_loss(batch, PairStreams(config.seed, epoch, batch["index"]))
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -206,8 +224,9 @@ def _train(config: TrainConfig) -> Path:
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
             log.count(len(batch["caption"]))
-            for key, value in {"loss": loss.detach(), **metrics}.items():
-                window[key] = window.get(key, 0.0) + float(value)
+            for key, value in {"loss": loss, **metrics}.items():
+                value = torch.as_tensor(value, dtype=torch.float32, device=accelerator.device).detach()
+                window[key] = window[key] + value if key in window else value
             window_count += 1
             if not accelerator.sync_gradients:
                 continue
@@ -215,21 +234,22 @@ def _train(config: TrainConfig) -> Path:
             if ema is not None:
                 ema.step(params)
             progress.update(1)
+            checkpointing = bool(config.checkpoint_every) and global_step % config.checkpoint_every == 0
             if global_step % config.log_every == 0 or global_step == config.max_steps:
-                means = torch.tensor([v / window_count for v in window.values()], device=accelerator.device)
-                means = accelerator.reduce(means, reduction="mean")
-                values = dict(zip(window.keys(), means.tolist()))
+                values = window_means(batch["caption"])
                 values.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                               lr=lr_schedule.get_last_lr()[0], epoch=epoch)
                 record = log.write(global_step, values)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
                 window, window_count = {}, 0
-            if config.checkpoint_every and global_step % config.checkpoint_every == 0 and global_step < config.max_steps:
-                save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step}, config.checkpoints_total_limit)
+            elif checkpointing:
+                window_means(batch["caption"])  # never checkpoint weights a NaN loss has reached
+            if checkpointing and global_step < config.max_steps:
+                save_checkpoint(accelerator, run_dir, position(global_step, micro_step), config.checkpoints_total_limit)
             if global_step >= config.max_steps:
                 break
     progress.close()
-    save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step}, config.checkpoints_total_limit)
+    save_checkpoint(accelerator, run_dir, position(global_step, micro_step), config.checkpoints_total_limit)
 
     # ---- export -------------------------------------------------------------------------------
     export_final(accelerator, unet, stack, config, run_dir, global_step, ema, params)
