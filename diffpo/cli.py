@@ -4,6 +4,7 @@ so that ``diffpo --help`` answers at once."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 OVERRIDES_HELP = "key=value overrides with dotted keys, e.g. optim.lr=1e-5 data.source=pairs.parquet"
@@ -15,7 +16,8 @@ def _train(args) -> None:
 
     config = load_config(TrainConfig, args.config, args.overrides)
     run_dir = run_training(config)
-    print(f"run written to {run_dir} (final weights in {run_dir / 'final'})")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"run written to {run_dir} (final weights in {run_dir / 'final'})")
 
 
 def _cache(args) -> None:

@@ -190,15 +190,35 @@ def check_finite(loss: torch.Tensor | float, step: int, captions: list[str], run
 def make_accelerator(config, gradient_accumulation_steps: int):
     """The run's Accelerator: precision, trackers, and ``RUN_DIR/logs`` for tensorboard."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     trackers = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
-    return Accelerator(
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun / accelerate launch started
+    accelerator = Accelerator(
+        # torchrun on a machine without an accelerator: accelerate forms a gloo (MULTI_CPU) group
+        # only when asked for the CPU; otherwise every process would run alone as the main one
+        cpu=launched > 1 and not torch.accelerator.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")),
+        # batches reach the device by asynchronous copies from pinned memory (loader_options)
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
+    if accelerator.num_processes != launched:
+        raise ConfigError(f"{launched} processes were launched but accelerate joined {accelerator.num_processes}: "
+                          "launch with `accelerate launch` or torchrun and a backend this machine has")
+    return accelerator
+
+
+def loader_options(config, accelerator) -> dict:
+    """DataLoader settings of the training loops: ``data.num_workers`` decoding processes, and pinned
+    host memory on CUDA so that batches reach the GPU by asynchronous copies (no stream sync).
+    Workers are not persistent: each epoch's workers must see the dataset's new epoch (flips)."""
+    from diffpo.data.pairs import collate_pairs
+
+    return {"num_workers": config.data.num_workers, "pin_memory": accelerator.device.type == "cuda",
+            "collate_fn": collate_pairs, "drop_last": True}
 
 
 def load_policy(config, accelerator, weight_dtype):

@@ -37,6 +37,7 @@ from diffpo.trainers.common import (
     check_finite,
     export_final,
     load_policy,
+    loader_options,
     make_accelerator,
     make_ema,
     prepare_run_dir,
@@ -58,7 +59,7 @@ def _train(config: TrainConfig) -> Path:
     from diffusers import DDIMScheduler
 
     from diffpo.data.cache import CachedPairs, build_cache
-    from diffpo.data.pairs import build_pairs, collate_pairs
+    from diffpo.data.pairs import build_pairs
     from diffpo.models.loading import unet_denoiser
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.reference import AdaptersDisabledReference, FrozenCopyReference
@@ -100,7 +101,7 @@ def _train(config: TrainConfig) -> Path:
     else:
         sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
-                                         collate_fn=collate_pairs, num_workers=config.data.num_workers, drop_last=True)
+                                         **loader_options(config, accelerator))
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} pairs do not fill one batch of train_batch_size={config.train_batch_size}")
 
