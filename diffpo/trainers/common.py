@@ -84,8 +84,15 @@ class CurriculumSampler(EpochSampler):
         return iter(order)
 
 
-def build_optimizer(params, optim):
+def build_optimizer(params, optim, cpu_offload: bool = False):
+    """The optimizer of ``optim``; ``cpu_offload`` (DeepSpeed offloading the optimizer): AdamW as
+    DeepSpeed's CPU Adam, the one its offloaded step runs."""
     lr = optim.lr
+    if optim.optimizer == "adamw" and cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon,
+                                weight_decay=optim.weight_decay, adamw_mode=True)
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                  eps=optim.adam_epsilon, weight_decay=optim.weight_decay)
@@ -254,7 +261,8 @@ def build_optimization(config, params, accelerator):
     lr = config.optim.lr
     if config.optim.scale_lr:  # Diffusion-DPO: lr x total pairs per optimizer step
         lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = build_optimizer(params, config.optim)
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    optimizer = build_optimizer(params, config.optim, cpu_offload=plugin is not None and plugin.offload_optimizer_device == "cpu")
     for group in optimizer.param_groups:
         group["lr"] = lr
     schedule = get_scheduler(config.optim.lr_scheduler, optimizer,
@@ -263,21 +271,35 @@ def build_optimization(config, params, accelerator):
     return optimizer, schedule, lr
 
 
+def shards_parameters(accelerator) -> bool:
+    """True under FSDP and DeepSpeed ZeRO-3: no process holds the whole trained UNet."""
+    kind = accelerator.distributed_type.value
+    return kind == "FSDP" or (kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
 def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: int, ema=None, params=None) -> None:
     """Write ``RUN_DIR/final``: LoRA weights ``pipe.load_lora_weights`` reads, or the full UNet, plus
     ``diffpo.json`` (base model, method, steps). EMA weights replace the raw ones when kept."""
     from diffpo.models.lora import export_lora
 
     accelerator.wait_for_everyone()
+    # sharded weights are gathered first: a collective every process joins (ZeRO-3 needs
+    # zero3_save_16bit_model: true, as configs/accelerate/deepspeed_zero3*.yaml set)
+    gathered = accelerator.get_state_dict(unet) if shards_parameters(accelerator) else None
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(params)
         final = run_dir / "final"
         if config.finetune == "lora":
-            export_lora(trained, stack.family.pipeline_class, final)
-        else:
+            export_lora(trained, stack.family.pipeline_class, final, state_dict=gathered)
+        elif gathered is None:
             trained.save_pretrained(final / "unet", safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+
+            trained.save_config(final / "unet")
+            save_file({k: v.contiguous() for k, v in gathered.items()}, str(final / "unet" / "diffusion_pytorch_model.safetensors"))
         (final / "diffpo.json").write_text(json.dumps({
             "base_model": stack.source, "finetune": config.finetune, "method": config.method,
             "steps": global_step, "pipeline_class": stack.family.pipeline_class_name}, indent=2))
@@ -298,6 +320,9 @@ def make_ema(config, params, accelerator):
     """The EMA of the trained weights (``config.ema``), checkpointed with the run; None when off."""
     if not config.ema.enabled:
         return None
+    if shards_parameters(accelerator):
+        raise ConfigError("ema.enabled=true keeps a full copy of weights that FSDP / DeepSpeed ZeRO-3 shard: "
+                          "set ema.enabled=false or use DDP / ZeRO-2")
     from diffusers.training_utils import EMAModel
 
     ema = EMAModel(params, decay=config.ema.decay)
