@@ -26,12 +26,21 @@ def _cache(args) -> None:
     from diffpo.data.pairs import build_pairs
     from diffpo.models.loading import load_stack
 
+    import torch
+    from accelerate import PartialState
+
     config = load_config(TrainConfig, args.config, args.overrides)
+    # under `accelerate launch` / torchrun every process encodes its share of the shards on its device
+    # (cpu=True: torchrun on a machine without an accelerator forms a gloo group)
+    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
-                       config.model.prediction_type, config.model.vae)
+                       config.model.prediction_type, config.model.vae, device=state.device)
     pairs = build_pairs(config.data, config.data.resolution or stack.native_resolution, config.seed)
-    folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size)
-    print(f"cache of {len(pairs)} pairs in {folder}")
+    folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
+                         progress=state.is_main_process, process_index=state.process_index,
+                         num_processes=state.num_processes, wait_for_everyone=state.wait_for_everyone)
+    if state.is_main_process:
+        print(f"cache of {len(pairs)} pairs in {folder} ({state.num_processes} process(es))")
 
 
 def _quickstart(args) -> None:

@@ -150,3 +150,33 @@ def test_pair_streams_do_not_depend_on_the_batch():
     assert not torch.equal(noise[0], noise[1])  # distinct pairs, distinct streams
     with pytest.raises(ValueError, match="3 pair streams for a batch of 4"):
         pair_noise(latents, 1000, PairStreams(0, 0, [1, 2, 3]))
+
+
+def test_two_processes_share_the_cache_build(tmp_path, tiny_sd_dir, pairs16):
+    """``torchrun -m diffpo cache``: the processes encode alternate shards into one complete cache
+    holding what one process writes."""
+    from safetensors.torch import load_file as load
+
+    from diffpo.config import DataConfig
+    from diffpo.data.cache import build_cache
+    from diffpo.data.pairs import build_pairs
+    from diffpo.models.loading import load_stack
+
+    if not TORCHRUN.is_file():
+        pytest.skip(f"torchrun is not installed next to {sys.executable}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                             str(_free_port()), "-m", "diffpo", "cache", "configs/diffusion_dpo/tiny.yaml",
+                             f"model.pretrained={tiny_sd_dir}", f"data.source={pairs16}", f"cache.dir={tmp_path / 'two'}",
+                             "cache.shard_size=4"], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("cache of 16 pairs") == 1 and "(2 process(es))" in result.stdout
+    stack = load_stack(tiny_sd_dir)
+    one = build_cache(stack, build_pairs(DataConfig(source=pairs16), stack.native_resolution, 0), tmp_path / "one",
+                      shard_size=4, progress=False)
+    (two,) = (tmp_path / "two").iterdir()
+    assert two.name == one.name and (two / "meta.json").read_text() == (one / "meta.json").read_text()
+    for shard in sorted(one.glob("*.safetensors")):
+        a, b = load(shard), load(two / shard.name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a), shard.name

@@ -49,23 +49,32 @@ def cache_key(stack, dataset: PreferencePairs, dtype: str) -> str:
 
 
 def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: str = "fp32", shard_size: int = 1024,
-                batch_size: int = 16, progress: bool = True) -> Path:
-    """Encode ``dataset`` into ``cache_root/<key>/``; returns the folder (reused when complete)."""
+                batch_size: int = 16, progress: bool = True, process_index: int = 0, num_processes: int = 1,
+                wait_for_everyone=lambda: None) -> Path:
+    """Encode ``dataset`` into ``cache_root/<key>/``; returns the folder (reused when complete).
+
+    Several processes share the work: process i encodes shards i, i + n, i + 2n, ...; after
+    ``wait_for_everyone`` (a barrier) process 0 writes the empty prompt and ``meta.json``."""
     folder = Path(cache_root) / cache_key(stack, dataset, dtype)
     if (folder / "meta.json").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    if process_index == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    wait_for_everyone()
     store = DTYPES[dtype]
     views = dataset.flip != "none"
     saved_flip, saved_epoch = dataset.flip, dataset.epoch
     dataset.flip = "none"  # the cache holds the plain view (and the mirrored one when flipping)
     shards = []
     try:
-        bar = tqdm(total=len(dataset), desc="cache", disable=not progress)
+        mine = [i for i in range(0, len(dataset), shard_size) if (i // shard_size) % num_processes == process_index]
+        bar = tqdm(total=sum(min(shard_size, len(dataset) - i) for i in mine), desc="cache", disable=not progress)
         for shard_index, start in enumerate(range(0, len(dataset), shard_size)):
             name = f"shard-{shard_index:05d}.safetensors"
             stop = min(start + shard_size, len(dataset))
             shards.append({"file": name, "start": start, "stop": stop})
+            if shard_index % num_processes != process_index:
+                continue  # another process encodes it
             if (folder / name).is_file():
                 bar.update(stop - start)
                 continue
@@ -80,16 +89,19 @@ def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: 
             save_file(tensors, str(tmp))
             os.replace(tmp, folder / name)
         bar.close()
+    finally:
+        dataset.flip, dataset.epoch = saved_flip, saved_epoch
+    wait_for_everyone()  # every shard is on disk
+    if process_index == 0:
         empty = stack.encode_prompts([""])
         empty_tensors = {"hidden": empty.hidden.cpu().to(store).contiguous()}
         if empty.pooled is not None:
             empty_tensors["pooled"] = empty.pooled.cpu().to(store).contiguous()
         save_file(empty_tensors, str(folder / "empty_prompt.safetensors"))
-    finally:
-        dataset.flip, dataset.epoch = saved_flip, saved_epoch
-    meta = {"version": FORMAT_VERSION, "pairs": len(dataset), "views": 2 if views else 1, "shards": shards,
-            "source": stack.source, "resolution": dataset.resolution, "dtype": dtype}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+        meta = {"version": FORMAT_VERSION, "pairs": len(dataset), "views": 2 if views else 1, "shards": shards,
+                "source": stack.source, "resolution": dataset.resolution, "dtype": dtype}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    wait_for_everyone()  # meta.json marks the cache complete for every process
     return folder
 
 

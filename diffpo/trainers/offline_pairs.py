@@ -86,9 +86,10 @@ def _train(config: TrainConfig) -> Path:
 
     pairs = build_pairs(config.data, resolution, config.seed)
     if config.cache.enabled:
-        with accelerator.main_process_first():
-            folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
-                                 progress=accelerator.is_main_process)
+        # every process encodes its share of the shards (diffpo.data.cache.build_cache)
+        folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
+                             progress=accelerator.is_main_process, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes, wait_for_everyone=accelerator.wait_for_everyone)
         dataset = CachedPairs(folder, [pairs.caption(i) for i in range(len(pairs))], config.data.flip, config.seed)
         empty = dataset.empty_prompt()
         empty_text = TextEmbeddings(empty["hidden"].to(accelerator.device, weight_dtype),
