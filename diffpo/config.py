@@ -242,6 +242,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet's forward (policy and adapters-disabled reference)
     log_every: int = 1
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_total_limit: int | None = 3

@@ -83,6 +83,8 @@ def _train(config: TrainConfig) -> Path:
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if config.compile:  # in place: the LoRA reference (adapters off) is one more graph of the same module
+        unet.compile()
 
     pairs = build_pairs(config.data, resolution, config.seed)
     if config.cache.enabled:
