@@ -323,6 +323,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"{key}: None is not allowed")
     if origin is Literal:
+        if isinstance(value, bool) and ("yes" if value else "no") in args:  # YAML reads a bare no / yes as a bool
+            value = "yes" if value else "no"
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, args))}")
         return value
