@@ -21,13 +21,13 @@ def _train(args) -> None:
 
 
 def _cache(args) -> None:
+    import torch
+    from accelerate import PartialState
+
     from diffpo.config import TrainConfig, load_config
     from diffpo.data.cache import build_cache
     from diffpo.data.pairs import build_pairs
     from diffpo.models.loading import load_stack
-
-    import torch
-    from accelerate import PartialState
 
     config = load_config(TrainConfig, args.config, args.overrides)
     # under `accelerate launch` / torchrun every process encodes its share of the shards on its device

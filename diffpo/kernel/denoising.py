@@ -33,7 +33,8 @@ class NoisedPairs:
     latents: torch.Tensor
 
 
-PAIR_STREAM_TAG = 2  # apart from the flip draws of diffpo.data.pairs.flip_decisions ([seed, epoch, index, 1])
+# apart from the per-pair draws of diffpo.data.pairs: random crops [seed, epoch, index, 0], flips [..., 1]
+PAIR_STREAM_TAG = 2
 
 
 class PairStreams:
