@@ -1,4 +1,4 @@
-# diffpo: `make quickstart` runs the embedded default job, `make test` runs the test suite.
+# diffpo: `make quickstart` runs the embedded default job, `make test` runs the test suite, `make bench` the CPU benchmarks.
 # Both create .venv on first use. TORCH can be overridden (e.g. a CUDA build on a GPU machine).
 PYTHON ?= python3
 VENV ?= .venv
@@ -31,6 +31,15 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
+
+# the CPU benchmarks (a table each, JSON in benchmarks/results/); the GPU one: python benchmarks/bench_gpu.py
+bench: install
+	$(BIN)/python benchmarks/bench_step_overhead.py
+	$(BIN)/python benchmarks/bench_cache.py
+	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_rewards.py
+	$(BIN)/python benchmarks/bench_trajectory.py --out benchmarks/results/trajectory.json
+	$(BIN)/python benchmarks/bench_reference_free.py --out benchmarks/results/reference_free.json
 
 clean:
 	rm -rf $(VENV) runs .cache

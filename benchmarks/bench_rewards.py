@@ -54,6 +54,9 @@ def main() -> None:
     prompts = [f"prompt number {i % 8}" for i in range(args.images)]
     with tempfile.TemporaryDirectory() as tmp:
         arch, checkpoint = tiny_checkpoint(Path(tmp))
+        # process-wide one-time costs (imports, the tokenizer's BPE tables) are paid once by both
+        # modes in real use: pay them before either clock starts, or the batched mode alone pays
+        load("hps-v2", path=checkpoint, arch=arch, device=args.device)(images[:1], prompts[:1])
         start = time.perf_counter()
         head = load("hps-v2", path=checkpoint, arch=arch, device=args.device, batch_size=args.batch_size)
         batched_scores = head(images, prompts)

@@ -1,7 +1,7 @@
 """Cost of recording per-step log-probabilities: ``sample_trajectory`` vs the same DDIM loop
 without log-probs, on the bundled tiny model (same UNet, batch, steps, guidance, eta).
 
-    python benchmarks/bench_trajectory.py [--batch 16] [--steps 20] [--repeats 3] [--out FILE.json]
+    python benchmarks/bench_trajectory.py [--batch 16] [--steps 20] [--repeats 3] [--threads 2] [--out FILE.json]
 Target (the online-trainers issue): overhead <= ~10%.
 """
 
@@ -35,9 +35,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     stack = load_stack("tiny")
     from diffusers import DDIMScheduler
 
@@ -58,7 +59,7 @@ def main() -> None:
         timings["with_logprobs"].append(time.perf_counter() - start)
     best = {k: min(v) for k, v in timings.items()}
     result = {"batch": args.batch, "steps": args.steps, "seconds_best": best,
-              "overhead": best["with_logprobs"] / best["plain"] - 1, "threads": 2, "model": "tiny-sd-shapes"}
+              "overhead": best["with_logprobs"] / best["plain"] - 1, "threads": args.threads, "model": "tiny-sd-shapes"}
     print(f"plain DDIM {best['plain']:.3f} s, with log-probs {best['with_logprobs']:.3f} s, overhead {100 * result['overhead']:.1f}%")
     if args.out:
         with open(args.out, "w") as handle:

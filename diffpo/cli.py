@@ -4,6 +4,7 @@ so that ``diffpo --help`` answers at once."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 OVERRIDES_HELP = "key=value overrides with dotted keys, e.g. optim.lr=1e-5 data.source=pairs.parquet"
@@ -17,10 +18,14 @@ def _train(args) -> None:
     config = load_config(TrainConfig, args.config, args.overrides)
     with disk_full_names(config.output_dir):
         run_dir = run_training(config)
-    print(f"run written to {run_dir} (final weights in {run_dir / 'final'})")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"run written to {run_dir} (final weights in {run_dir / 'final'})")
 
 
 def _cache(args) -> None:
+    import torch
+    from accelerate import PartialState
+
     from diffpo.config import TrainConfig, load_config
     from diffpo.data.cache import build_cache, cached_bad_samples
     from diffpo.data.pairs import build_pairs
@@ -28,13 +33,20 @@ def _cache(args) -> None:
     from diffpo.models.loading import load_stack
 
     config = load_config(TrainConfig, args.config, args.overrides)
+    # under `accelerate launch` / torchrun every process encodes its share of the shards on its device
+    # (cpu=True: torchrun on a machine without an accelerator forms a gloo group)
+    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
-                       config.model.prediction_type, config.model.vae)
+                       config.model.prediction_type, config.model.vae, device=state.device)
     pairs = build_pairs(config.data, config.data.resolution or stack.native_resolution, config.seed)
     with disk_full_names(config.cache.dir, then="rerun `diffpo cache` (finished shards are kept)"):
-        folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size)
-    bad = len(cached_bad_samples(folder))
-    print(f"cache of {len(pairs)} pairs in {folder}" + (f" ({bad} bad samples skipped, listed in {folder}/bad_samples.jsonl)" if bad else ""))
+        folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
+                             progress=state.is_main_process, process_index=state.process_index,
+                             num_processes=state.num_processes, wait_for_everyone=state.wait_for_everyone)
+    if state.is_main_process:
+        bad = len(cached_bad_samples(folder))
+        print(f"cache of {len(pairs)} pairs in {folder} ({state.num_processes} process(es))"
+              + (f"; {bad} bad samples skipped, listed in {folder}/bad_samples.jsonl" if bad else ""))
 
 
 def _data_check(args) -> None:

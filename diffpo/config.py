@@ -252,6 +252,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet's forward (policy and adapters-disabled reference)
     log_every: int = 1
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_total_limit: int | None = 3
@@ -343,6 +344,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"{key}: None is not allowed")
     if origin is Literal:
+        if isinstance(value, bool) and ("yes" if value else "no") in args:  # YAML reads a bare no / yes as a bool
+            value = "yes" if value else "no"
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, args))}")
         return value

@@ -94,11 +94,15 @@ def check_not_stale(folder: Path, content: dict) -> None:
 
 
 def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: str = "fp32", shard_size: int = 1024,
-                batch_size: int = 16, progress: bool = True) -> Path:
+                batch_size: int = 16, progress: bool = True, process_index: int = 0, num_processes: int = 1,
+                wait_for_everyone=lambda: None) -> Path:
     """Encode ``dataset`` into ``cache_root/<key>/``; returns the folder (reused when complete).
 
     ``cache_root`` may itself be a complete cache folder: it is used when it matches, refused
-    (``DataError`` naming what differs) when it was built for another model or data."""
+    (``DataError`` naming what differs) when it was built for another model or data.
+    Several processes share the work: process i encodes shards i, i + n, i + 2n, ...; after
+    ``wait_for_everyone`` (a barrier) process 0 writes the empty prompt, ``bad_samples.jsonl``
+    (from every shard's metadata) and ``meta.json``."""
     content = cache_content(stack, dataset, dtype)
     if (Path(cache_root) / "meta.json").is_file():
         check_not_stale(Path(cache_root), content)
@@ -107,20 +111,24 @@ def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: 
     if (folder / "meta.json").is_file():
         check_not_stale(folder, content)
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    if process_index == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    wait_for_everyone()
     store = DTYPES[dtype]
     views = dataset.flip != "none"
     saved_flip, saved_epoch = dataset.flip, dataset.epoch
     dataset.flip = "none"  # the cache holds the plain view (and the mirrored one when flipping)
-    shards, skipped = [], []
+    shards = []
     try:
-        bar = tqdm(total=len(dataset), desc="cache", disable=not progress)
+        mine = [i for i in range(0, len(dataset), shard_size) if (i // shard_size) % num_processes == process_index]
+        bar = tqdm(total=sum(min(shard_size, len(dataset) - i) for i in mine), desc="cache", disable=not progress)
         for shard_index, start in enumerate(range(0, len(dataset), shard_size)):
             name = f"shard-{shard_index:05d}.safetensors"
             stop = min(start + shard_size, len(dataset))
             shards.append({"file": name, "start": start, "stop": stop})
+            if shard_index % num_processes != process_index:
+                continue  # another process encodes it
             if (folder / name).is_file():
-                skipped.extend(json.loads(safe_open(str(folder / name), framework="pt").metadata().get("skipped", "[]")))
                 bar.update(stop - start)
                 continue
             parts: dict[str, list[torch.Tensor]] = {}
@@ -135,21 +143,26 @@ def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: 
             tmp = folder / (name + ".tmp")
             save_file(tensors, str(tmp), metadata={"skipped": json.dumps(shard_skipped)})
             os.replace(tmp, folder / name)
-            skipped.extend(shard_skipped)
         bar.close()
+    finally:
+        dataset.flip, dataset.epoch = saved_flip, saved_epoch
+    wait_for_everyone()  # every shard is on disk
+    if process_index == 0:
         empty = stack.encode_prompts([""])
         empty_tensors = {"hidden": empty.hidden.cpu().to(store).contiguous()}
         if empty.pooled is not None:
             empty_tensors["pooled"] = empty.pooled.cpu().to(store).contiguous()
         save_file(empty_tensors, str(folder / "empty_prompt.safetensors"))
-    finally:
-        dataset.flip, dataset.epoch = saved_flip, saved_epoch
-    distinct = list({record["row"]: record for record in skipped}.values())
-    (folder / BAD_SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in distinct), encoding="utf-8")
-    meta = {"version": FORMAT_VERSION, "key": _key(content), "pairs": len(dataset), "views": 2 if views else 1,
-            "shards": shards, "bad_samples": len(distinct), "built_for": _built_for(content),
-            "source": stack.source, "resolution": dataset.resolution, "dtype": dtype}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+        # the shards' metadata, not this process's list: other processes (or an interrupted build) wrote some
+        skipped = [record for shard in shards for record in
+                   json.loads((safe_open(str(folder / shard["file"]), framework="pt").metadata() or {}).get("skipped", "[]"))]
+        distinct = list({record["row"]: record for record in skipped}.values())
+        (folder / BAD_SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in distinct), encoding="utf-8")
+        meta = {"version": FORMAT_VERSION, "key": _key(content), "pairs": len(dataset), "views": 2 if views else 1,
+                "shards": shards, "bad_samples": len(distinct), "built_for": _built_for(content),
+                "source": stack.source, "resolution": dataset.resolution, "dtype": dtype}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    wait_for_everyone()  # meta.json marks the cache complete for every process
     return folder
 
 

@@ -325,10 +325,14 @@ def _score(value, where: str) -> float:
 
 
 def collate_pairs(items: list[dict]) -> dict:
+    """Stack items into a batch; ``index`` stays a list of ints on the host (per-pair random
+    streams are seeded from it, and reading it off an accelerator would wait for the device)."""
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        if isinstance(values[0], torch.Tensor):
+        if key == "index":
+            batch[key] = [int(v) for v in values]
+        elif isinstance(values[0], torch.Tensor):
             batch[key] = torch.stack(values)
         elif isinstance(values[0], (int, float)):
             batch[key] = torch.tensor(values)

@@ -14,8 +14,9 @@ conventions of DESIGN.md hold in one place:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 # A denoiser maps (noisy latents, timesteps, conditioning kwargs) to the model's raw prediction.
@@ -32,20 +33,65 @@ class NoisedPairs:
     latents: torch.Tensor
 
 
+# apart from the per-pair draws of diffpo.data.pairs: random crops [seed, epoch, index, 0], flips [..., 1]
+PAIR_STREAM_TAG = 2
+
+
+class PairStreams:
+    """One CPU random stream per pair, seeded from (seed, epoch, the pair's dataset index).
+
+    Every draw for a pair (latent sample, prompt dropout, noise, timestep) then depends on the pair
+    alone, never on the batch it is in, the process it runs on or the accumulation step: 2
+    processes x batch b draw exactly what 1 process x batch 2b (or batch b x 2 accumulation steps)
+    draws, and a resumed run with another process count continues with the same numbers. Draws
+    are (B, *shape) stacks of one draw per stream, always on the CPU (the same on every device)."""
+
+    def __init__(self, seed: int, epoch: int, indices: Sequence[int]):
+        self.generators = [torch.Generator().manual_seed(int(np.random.SeedSequence(
+            [seed, epoch, int(index), PAIR_STREAM_TAG]).generate_state(1, np.uint64)[0])) for index in indices]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+
+    def rand(self) -> torch.Tensor:
+        return torch.stack([torch.rand((), generator=g) for g in self.generators])
+
+    def randint(self, low: int, high: int) -> torch.Tensor:
+        return torch.stack([torch.randint(low, high, (), generator=g) for g in self.generators])
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor onto ``device`` without a host-device sync: through pinned memory and an
+    asynchronous copy on CUDA (a plain ``.to`` from pageable memory waits for the stream)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def pair_noise(
     latents_w: torch.Tensor,
     num_train_timesteps: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | PairStreams | None = None,
     timestep_range: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Gaussian noise tensor (B, ...) and one timestep (B,) per pair, drawn on ``generator``.
+    """One Gaussian noise tensor (B, ...) and one timestep (B,) per pair, drawn on ``generator``
+    (one generator for the batch, or ``PairStreams``: each pair from its own stream).
 
     Drawn on the CPU so that a seed gives the same numbers on every device and process count.
     """
     low, high = timestep_range or (0, num_train_timesteps)
-    noise = torch.randn(latents_w.shape, generator=generator, dtype=torch.float32)
-    timesteps = torch.randint(low, high, (latents_w.shape[0],), generator=generator)
-    return noise.to(latents_w.device, latents_w.dtype), timesteps.to(latents_w.device)
+    if isinstance(generator, PairStreams):
+        if len(generator) != latents_w.shape[0]:
+            raise ValueError(f"{len(generator)} pair streams for a batch of {latents_w.shape[0]} pairs")
+        noise, timesteps = generator.randn(latents_w.shape[1:]), generator.randint(low, high)
+    else:
+        noise = torch.randn(latents_w.shape, generator=generator, dtype=torch.float32)
+        timesteps = torch.randint(low, high, (latents_w.shape[0],), generator=generator)
+    return to_device(noise, latents_w.device).to(latents_w.dtype), to_device(timesteps, latents_w.device)
 
 
 def noise_pairs(

@@ -28,15 +28,16 @@ def attach_lora(unet, rank: int, alpha: float | None, dropout: float, target_mod
     return params
 
 
-def export_lora(unet, pipeline_class, out_dir: str | Path) -> Path:
+def export_lora(unet, pipeline_class, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Write the UNet's LoRA as ``pytorch_lora_weights.safetensors`` (diffusers format, with the
-    adapter config as metadata so alpha survives loading)."""
+    adapter config as metadata so alpha survives loading). ``state_dict``: the UNet's full state
+    when its own parameters are shards (FSDP, ZeRO-3), gathered by ``accelerator.get_state_dict``."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config["default"].to_dict()
     pipeline_class.save_lora_weights(
@@ -71,7 +72,7 @@ def register_lora_checkpointing(accelerator, unet) -> None:
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
-        for model in models:
+        for model in models if accelerator.is_main_process else []:  # one writer: every process holds the same weights
             save_file(lora_checkpoint_state(accelerator.unwrap_model(model)), str(Path(output_dir) / LORA_CHECKPOINT_NAME))
         weights.clear()  # the base weights never change: do not write them
 

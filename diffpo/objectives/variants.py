@@ -106,8 +106,9 @@ def kto_feedback_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, desirable
     loss = torch.where(good, 1.0 - torch.sigmoid(reward - z_ref), 1.0 - torch.sigmoid(z_ref - reward))
     with torch.no_grad():
         metrics = {"kto_z_ref": z_ref, "desirable_fraction": good.float().mean(),
-                   "reward_desirable": reward[good].mean() if good.any() else torch.tensor(float("nan")),
-                   "reward_undesirable": reward[~good].mean() if (~good).any() else torch.tensor(float("nan"))}
+                   # masked means (NaN when a side is absent) without reading the mask on the host
+                   "reward_desirable": reward.where(good, float("nan")).nanmean(),
+                   "reward_undesirable": reward.where(~good, float("nan")).nanmean()}
     return loss, metrics
 
 

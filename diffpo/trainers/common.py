@@ -92,8 +92,15 @@ class CurriculumSampler(EpochSampler):
         return iter(order)
 
 
-def build_optimizer(params, optim):
+def build_optimizer(params, optim, cpu_offload: bool = False):
+    """The optimizer of ``optim``; ``cpu_offload`` (DeepSpeed offloading the optimizer): AdamW as
+    DeepSpeed's CPU Adam, the one its offloaded step runs."""
     lr = optim.lr
+    if optim.optimizer == "adamw" and cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon,
+                                weight_decay=optim.weight_decay, adamw_mode=True)
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                  eps=optim.adam_epsilon, weight_decay=optim.weight_decay)
@@ -200,7 +207,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None,
         if os.environ.get(KILL_DURING_SAVE) == str(state["global_step"]):
             os.kill(os.getpid(), signal.SIGKILL)  # the state files are written, the manifest not yet
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "files": files}))
+        # num_processes: a resume with another process count adjusts the schedule (resume) and the data position
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "num_processes": accelerator.num_processes, "files": files}))
         fsync_tree(tmp)
         if final.exists():  # the same step saved again (a resumed run that was already done): swap
             os.replace(final, old)
@@ -235,26 +243,48 @@ class MetricsLog:
         return record
 
 
-def check_finite(loss: torch.Tensor, step: int, captions: list[str], run_dir: Path) -> None:
-    """Stop on a NaN/inf loss (loops without ``on_nonfinite`` use this; see trainers.nonfinite)."""
+def check_finite(loss: torch.Tensor | float, step: int, captions: list[str], run_dir: Path) -> None:
+    """Stop on a NaN/inf loss (loops without ``on_nonfinite`` use this; see trainers.nonfinite). A
+    tensor is read on the host: call it where a sync is acceptable."""
     from diffpo.trainers.nonfinite import nonfinite_message
 
-    if not math.isfinite(float(loss.detach())):
-        raise FloatingPointError(nonfinite_message("loss", float(loss.detach()), step, captions, run_dir, skip_hint=False))
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    if not math.isfinite(value):
+        raise FloatingPointError(nonfinite_message("loss", value, step, captions, run_dir, skip_hint=False))
 
 
 def make_accelerator(config, gradient_accumulation_steps: int):
     """The run's Accelerator: precision, trackers, and ``RUN_DIR/logs`` for tensorboard."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     trackers = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
-    return Accelerator(
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun / accelerate launch started
+    accelerator = Accelerator(
+        # torchrun on a machine without an accelerator: accelerate forms a gloo (MULTI_CPU) group
+        # only when asked for the CPU; otherwise every process would run alone as the main one
+        cpu=launched > 1 and not torch.accelerator.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")),
+        # batches reach the device by asynchronous copies from pinned memory (loader_options)
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
+    if accelerator.num_processes != launched:
+        raise ConfigError(f"{launched} processes were launched but accelerate joined {accelerator.num_processes}: "
+                          "launch with `accelerate launch` or torchrun and a backend this machine has")
+    return accelerator
+
+
+def loader_options(config, accelerator) -> dict:
+    """DataLoader settings of the training loops: ``data.num_workers`` decoding processes, and pinned
+    host memory on CUDA so that batches reach the GPU by asynchronous copies (no stream sync).
+    Workers are not persistent: each epoch's workers must see the dataset's new epoch (flips)."""
+    from diffpo.data.pairs import collate_pairs
+
+    return {"num_workers": config.data.num_workers, "pin_memory": accelerator.device.type == "cuda",
+            "collate_fn": collate_pairs, "drop_last": True}
 
 
 def load_policy(config, accelerator, weight_dtype):
@@ -290,7 +320,8 @@ def build_optimization(config, params, accelerator):
     lr = config.optim.lr
     if config.optim.scale_lr:  # Diffusion-DPO: lr x total pairs per optimizer step
         lr *= config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = build_optimizer(params, config.optim)
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    optimizer = build_optimizer(params, config.optim, cpu_offload=plugin is not None and plugin.offload_optimizer_device == "cpu")
     for group in optimizer.param_groups:
         group["lr"] = lr
     schedule = get_scheduler(config.optim.lr_scheduler, optimizer,
@@ -299,21 +330,35 @@ def build_optimization(config, params, accelerator):
     return optimizer, schedule, lr
 
 
+def shards_parameters(accelerator) -> bool:
+    """True under FSDP and DeepSpeed ZeRO-3: no process holds the whole trained UNet."""
+    kind = accelerator.distributed_type.value
+    return kind == "FSDP" or (kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
 def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: int, ema=None, params=None) -> None:
     """Write ``RUN_DIR/final``: LoRA weights ``pipe.load_lora_weights`` reads, or the full UNet, plus
     ``diffpo.json`` (base model, method, steps). EMA weights replace the raw ones when kept."""
     from diffpo.models.lora import export_lora
 
     accelerator.wait_for_everyone()
+    # sharded weights are gathered first: a collective every process joins (ZeRO-3 needs
+    # zero3_save_16bit_model: true, as configs/accelerate/deepspeed_zero3*.yaml set)
+    gathered = accelerator.get_state_dict(unet) if shards_parameters(accelerator) else None
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(params)
         final = run_dir / "final"
         if config.finetune == "lora":
-            export_lora(trained, stack.family.pipeline_class, final)
-        else:
+            export_lora(trained, stack.family.pipeline_class, final, state_dict=gathered)
+        elif gathered is None:
             trained.save_pretrained(final / "unet", safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+
+            trained.save_config(final / "unet")
+            save_file({k: v.contiguous() for k, v in gathered.items()}, str(final / "unet" / "diffusion_pytorch_model.safetensors"))
         (final / "diffpo.json").write_text(json.dumps({
             "base_model": stack.source, "finetune": config.finetune, "method": config.method,
             "steps": global_step, "pipeline_class": stack.family.pipeline_class_name}, indent=2))
@@ -334,6 +379,9 @@ def make_ema(config, params, accelerator):
     """The EMA of the trained weights (``config.ema``), checkpointed with the run; None when off."""
     if not config.ema.enabled:
         return None
+    if shards_parameters(accelerator):
+        raise ConfigError("ema.enabled=true keeps a full copy of weights that FSDP / DeepSpeed ZeRO-3 shard: "
+                          "set ema.enabled=false or use DDP / ZeRO-2")
     from diffusers.training_utils import EMAModel
 
     ema = EMAModel(params, decay=config.ema.decay)
@@ -352,11 +400,18 @@ def checkpoint_extra(run_dir: Path, resume_from: str | None, name: str) -> dict[
     return load_file(str(path)) if path is not None and path.is_file() else None
 
 
-def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict) -> tuple[dict, MetricsLog]:
+def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict,
+           lr_schedule=None) -> tuple[dict, MetricsLog]:
     """Load the checkpoint ``resume_from`` names (if any) into the accelerator and ``state`` (the
     loop's counters); a fresh run starts a new ``metrics.jsonl``. Metrics logged after the
     checkpoint by the run that died are dropped, so the resumed log reads like an uninterrupted
-    one. Returns (state, metrics log)."""
+    one. Returns (state, metrics log).
+
+    A checkpoint saved by another number of processes loads where the format allows it (diffpo's
+    own format and DDP: the full weights and optimizer state, fresh RNGs for new processes; FSDP
+    sharded states through torch.distributed.checkpoint); accelerate steps a prepared schedule
+    once per process per optimizer step, so ``lr_schedule`` is moved to where this process count
+    would have it."""
     from diffpo.trainers.training_state import load_training_state
 
     checkpoint = resolve_resume(run_dir, resume_from)
@@ -368,9 +423,15 @@ def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict) -> 
         saved = json.loads((checkpoint / STATE_FILE).read_text())
         saved.pop("files", None)
         state = {**state, **saved}
+        saved_processes = state.get("num_processes", accelerator.num_processes)
+        if saved_processes != accelerator.num_processes and lr_schedule is not None:
+            schedule = getattr(lr_schedule, "scheduler", lr_schedule)
+            schedule.last_epoch = state["global_step"] * accelerator.num_processes - 1
+            schedule.step()  # recomputes every group's lr at the new position
         if accelerator.is_main_process:
             truncate_metrics(metrics, state["global_step"])
-        accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
+        accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}"
+                          + (f" (saved by {saved_processes} processes)" if saved_processes != accelerator.num_processes else ""))
     elif accelerator.is_main_process:
         metrics.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
@@ -392,3 +453,18 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def resumed_micro_step(state: dict, batches_per_epoch: int, global_batch: int) -> int:
+    """The micro-step to continue at when ``global_batch`` (pairs per micro-step over all
+    processes) may differ from the saved run's: the same epoch, the same pairs consumed in it.
+    Every pair draws its randomness from its own stream (``PairStreams``), so the continuation
+    sees the same pairs with the same noise as the saved run would have."""
+    if "epoch_pairs" not in state:  # a fresh run, or a checkpoint from before positions were saved
+        return state["micro_step"]
+    if state["epoch_pairs"] % global_batch:
+        raise ConfigError(
+            f"the checkpoint is {state['epoch_pairs']} pairs into epoch {state['epoch']}, which batches of "
+            f"{global_batch} pairs (train_batch_size x processes) do not divide: resume with a train_batch_size "
+            "or process count whose product divides it")
+    return state["epoch"] * batches_per_epoch + state["epoch_pairs"] // global_batch

@@ -9,7 +9,16 @@
   row end the run as ``stop`` would: a model that only produces NaN is not training.
 
 The decision is taken alike on every process (one all-reduce of a flag), so that no process waits
-in a collective the others skipped. With fp16 mixed precision an inf gradient norm is the gradient
+in a collective the others skipped.
+
+A loop that keeps its metrics on the device (the offline-pairs loop) passes ``defer_stop=True``:
+with ``stop`` the loss and gradient norm are then not read on the host each step (that would
+sync the device every step); ``check_window`` checks them at the next logging or checkpoint step,
+on the window's loss mean after the cross-process reduce, before anything is written. The run
+then stops there (the message names that step and its batch's captions), and no checkpoint or
+export ever holds weights a NaN reached, though the in-memory weights of the steps since the last
+check may have. ``skip`` cannot defer: each optimizer step's take-or-drop decision reads the loss
+and the gradient norm on the host (one sync per micro-step, only in that mode). With fp16 mixed precision an inf gradient norm is the gradient
 scaler's business (it skips the step and lowers the scale itself) and is not counted here.
 """
 
@@ -38,8 +47,11 @@ class NonfiniteGuard:
     """Per run: ``check_loss`` after each micro-step's loss, ``step_ok`` once per optimizer step.
     ``state()`` goes into the checkpoint so that counts survive a resume."""
 
-    def __init__(self, accelerator, run_dir: Path, mode: str, max_skips: int, state: dict | None = None):
+    def __init__(self, accelerator, run_dir: Path, mode: str, max_skips: int, state: dict | None = None,
+                 defer_stop: bool = False):
         self.accelerator, self.run_dir, self.mode, self.max_skips = accelerator, Path(run_dir), mode, max_skips
+        self.deferred = defer_stop and mode == "stop"  # check_window does the checks; skip always decides per step
+        self.bad_norm: torch.Tensor | None = None  # deferred: the first non-finite gradient norm since the last check
         state = state or {}
         self.skipped = int(state.get("skipped_steps", 0))
         self.in_a_row = int(state.get("skipped_in_a_row", 0))
@@ -55,7 +67,10 @@ class NonfiniteGuard:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def check_loss(self, loss, step: int, captions) -> bool:
-        """True when the micro-step's loss is finite on every process (then back-propagate it)."""
+        """True when the micro-step's loss is finite on every process (then back-propagate it).
+        Deferred (stop): always True, nothing read; ``check_window`` sees the loss in the window mean."""
+        if self.deferred:
+            return True
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if not self._any_process(not math.isfinite(value)):
             return True
@@ -66,7 +81,14 @@ class NonfiniteGuard:
         return False
 
     def step_ok(self, grad_norm, step: int, captions) -> bool:
-        """Call after clipping, before ``optimizer.step()``: True to take the step, False to skip it."""
+        """Call after clipping, before ``optimizer.step()``: True to take the step, False to skip it.
+        Deferred (stop): True; a non-finite norm is remembered on the device for ``check_window``."""
+        if self.deferred:
+            if grad_norm is not None and self.accelerator.scaler is None:
+                norm = torch.as_tensor(grad_norm, dtype=torch.float32).detach()
+                # keeps the first non-finite norm: a finite one is replaced, a non-finite one sticks
+                self.bad_norm = norm if self.bad_norm is None else torch.where(torch.isfinite(self.bad_norm), norm, self.bad_norm)
+            return True
         norm = float(grad_norm) if grad_norm is not None else 0.0
         bad_grad = not math.isfinite(norm) and self.accelerator.scaler is None
         if bad_grad and self.mode == "stop":
@@ -85,3 +107,17 @@ class NonfiniteGuard:
                 f"weights are those of step {step - self.in_a_row}; last good checkpoint: "
                 f"{last_checkpoint(self.run_dir)}. Lower optim.lr or objective.beta, or check the data")
         return False
+
+    def check_window(self, loss: float, step: int, captions) -> None:
+        """Deferred (stop), at a logging or checkpoint step: raise when ``loss`` (the window's mean
+        loss, reduced over processes) or a gradient norm since the last check was not finite.
+        Does nothing otherwise (``skip`` decided every step already)."""
+        if not self.deferred:
+            return
+        if not math.isfinite(loss):
+            raise FloatingPointError(nonfinite_message("loss", loss, step, captions, self.run_dir))
+        bad_norm, self.bad_norm = self.bad_norm, None
+        if bad_norm is not None:  # clipped norms are the same on every process: no collective needed
+            norm = float(bad_norm)
+            if not math.isfinite(norm):
+                raise FloatingPointError(nonfinite_message("the gradient norm", norm, step, captions, self.run_dir))

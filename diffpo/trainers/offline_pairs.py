@@ -18,11 +18,13 @@ from diffpo.config import ConfigError, TrainConfig
 from diffpo.dtypes import MIXED_PRECISION_DTYPES
 from diffpo.kernel.denoising import (
     NoisedPairs,
+    PairStreams,
     noise_pairs,
     pair_errors,
     pair_noise,
     per_sample_error,
     prediction_target,
+    to_device,
 )
 from diffpo.kernel.inversion import invert_to_timesteps, inversion_target
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
@@ -34,14 +36,15 @@ from diffpo.trainers.common import (
     build_optimization,
     export_final,
     load_policy,
+    loader_options,
     make_accelerator,
     make_ema,
     prepare_run_dir,
     reference_dtype,
     resume,
     run_resetting_accelerate,
+    resumed_micro_step,
     save_checkpoint,
-    step_generator,
 )
 from diffpo.trainers.preflight import check_free_space
 from diffpo.trainers.nonfinite import NonfiniteGuard
@@ -58,7 +61,7 @@ def _train(config: TrainConfig) -> Path:
 
     from diffpo.data.bad_samples import BadSampleLog, skipped_records
     from diffpo.data.cache import CachedPairs, build_cache, cached_bad_samples
-    from diffpo.data.pairs import build_pairs, collate_pairs
+    from diffpo.data.pairs import build_pairs
     from diffpo.models.loading import unet_denoiser
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.reference import AdaptersDisabledReference, FrozenCopyReference
@@ -85,12 +88,15 @@ def _train(config: TrainConfig) -> Path:
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if config.compile:  # in place: the LoRA reference (adapters off) is one more graph of the same module
+        unet.compile()
 
     pairs = build_pairs(config.data, resolution, config.seed)
     if config.cache.enabled:
-        with accelerator.main_process_first():
-            folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
-                                 progress=accelerator.is_main_process)
+        # every process encodes its share of the shards (diffpo.data.cache.build_cache)
+        folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
+                             progress=accelerator.is_main_process, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes, wait_for_everyone=accelerator.wait_for_everyone)
         dataset = CachedPairs(folder, [pairs.caption(i) for i in range(len(pairs))], config.data.flip, config.seed)
         empty = dataset.empty_prompt()
         empty_text = TextEmbeddings(empty["hidden"].to(accelerator.device, weight_dtype),
@@ -103,13 +109,20 @@ def _train(config: TrainConfig) -> Path:
     else:
         sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
-                                         collate_fn=collate_pairs, num_workers=config.data.num_workers, drop_last=True)
+                                         **loader_options(config, accelerator))
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} pairs do not fill one batch of train_batch_size={config.train_batch_size}: "
                          "use more pairs or a smaller train_batch_size")
 
     optimizer, lr_schedule, lr = build_optimization(config, params, accelerator)
     unet, optimizer, loader, lr_schedule = accelerator.prepare(unet, optimizer, loader, lr_schedule)
+    global_batch = config.train_batch_size * accelerator.num_processes  # pairs per micro-step, all processes
+
+    def position(step: int, micro: int) -> dict:
+        """The run's place in the data: counters, and the pairs consumed in the current epoch (for a
+        resume with another process count or batch size)."""
+        epoch, batches = divmod(micro, len(loader))
+        return {"global_step": step, "micro_step": micro, "epoch": epoch, "epoch_pairs": batches * global_batch}
     if config.finetune == "lora":
         register_lora_checkpointing(accelerator, unet)
     ema = make_ema(config, params, accelerator)
@@ -128,23 +141,28 @@ def _train(config: TrainConfig) -> Path:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 
     # ---- resume -------------------------------------------------------------------------------
-    state, log = resume(accelerator, run_dir, config.resume_from, {"global_step": 0, "micro_step": 0})
-    global_step, micro_step = state["global_step"], state["micro_step"]
+    state, log = resume(accelerator, run_dir, config.resume_from, {"global_step": 0, "micro_step": 0}, lr_schedule)
+    global_step, micro_step = state["global_step"], resumed_micro_step(state, len(loader), global_batch)
     bad_samples = BadSampleLog(accelerator, run_dir, micro_step)  # data.skip_bad_samples: RUN_DIR/bad_samples.jsonl
     if config.cache.enabled:
         bad_samples.add(cached_bad_samples(folder), micro_step=-1, step=0)
-    nonfinite = NonfiniteGuard(accelerator, run_dir, config.on_nonfinite, config.max_nonfinite_skips, state)
+    # on_nonfinite=stop keeps this loop free of per-step host syncs: the loss and gradient norm stay
+    # on the device and are checked at the next logging or checkpoint step, after the cross-process
+    # reduce, before anything is written (so no checkpoint or export holds weights a NaN reached).
+    # on_nonfinite=skip must decide each optimizer step on the host: it syncs once per micro-step.
+    nonfinite = NonfiniteGuard(accelerator, run_dir, config.on_nonfinite, config.max_nonfinite_skips, state,
+                               defer_stop=True)
 
     # ---- one micro-step -----------------------------------------------------------------------
-    def feedback_batch_loss(batch: dict, generator: torch.Generator):
+    def feedback_batch_loss(batch: dict, streams: PairStreams):
         """Diffusion-KTO on unpaired feedback (``data.feedback_column``): every image noised on its
         own (no pair to share noise with), policy and reference errors, the per-image KTO loss."""
         mean, std = stack.encode_images(batch["pixels_w"])
-        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        eps = to_device(streams.randn(mean.shape[1:]), mean.device)
         latents = stack.latents_from_distribution(mean, std, eps).to(weight_dtype)
-        drop = torch.rand(latents.shape[0], generator=generator) < config.data.prompt_dropout
+        drop = streams.rand() < config.data.prompt_dropout
         text = stack.encode_prompts(batch["caption"]).where(drop, empty_text)
-        noise, timesteps = pair_noise(latents, stack.noise_scheduler.config.num_train_timesteps, generator)
+        noise, timesteps = pair_noise(latents, stack.noise_scheduler.config.num_train_timesteps, streams)
         time_ids = None
         if stack.family.name == "sdxl":
             time_ids = sdxl_time_ids(batch["original_size_w"], batch["crop_w"], resolution)
@@ -157,7 +175,7 @@ def _train(config: TrainConfig) -> Path:
         per_image, metrics = kto_feedback_loss(policy_err, ref_err, torch.as_tensor(batch["desirable"]), config.objective.beta)
         return per_image.mean(), metrics
 
-    def micro_batch_loss(batch: dict, generator: torch.Generator):
+    def micro_batch_loss(batch: dict, streams: PairStreams):
         if "mean_w" in batch:  # from the cache
             mean = torch.cat([batch["mean_w"], batch["mean_l"]]).to(accelerator.device, torch.float32)
             std = torch.cat([batch["std_w"], batch["std_l"]]).to(accelerator.device, torch.float32)
@@ -166,12 +184,12 @@ def _train(config: TrainConfig) -> Path:
         else:
             mean, std = stack.encode_images(torch.cat([batch["pixels_w"], batch["pixels_l"]]))
             text = stack.encode_prompts(batch["caption"])
-        eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+        eps = to_device(torch.cat([streams.randn(mean.shape[1:]), streams.randn(mean.shape[1:])]), mean.device)
         latents = stack.latents_from_distribution(mean, std, eps).to(weight_dtype)
         latents_w, latents_l = latents.chunk(2)
-        drop = torch.rand(latents_w.shape[0], generator=generator) < config.data.prompt_dropout
+        drop = streams.rand() < config.data.prompt_dropout
         text = text.where(drop, empty_text).repeat_pairs()
-        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, generator)
+        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, streams)
         noised = noise_pairs(stack.noise_scheduler, latents_w, latents_l, noise, timesteps)
         time_ids = None
         if stack.family.name == "sdxl":
@@ -195,8 +213,20 @@ def _train(config: TrainConfig) -> Path:
     # ---- train --------------------------------------------------------------------------------
     progress = tqdm(total=config.max_steps, initial=global_step, desc=f"train {config.method}",
                     disable=not (accelerator.is_main_process and config.progress_bar))
-    window: dict[str, float] = {}
+    # metric sums stay on the device: the host reads them (one sync) only at logging and checkpoint steps
+    window: dict[str, torch.Tensor] = {}
     window_count = 0
+
+    def window_means(captions: list[str]) -> dict[str, float]:
+        """Means over the micro-steps since the last log, averaged over processes (a NaN/inf loss on
+        any process makes the mean NaN); on_nonfinite=stop ends every process here on one."""
+        # every micro-step of the window was skipped (on_nonfinite=skip): a NaN loss is logged
+        sums = window or {"loss": torch.tensor(float("nan"), device=accelerator.device)}
+        means = accelerator.reduce(torch.stack([v / max(window_count, 1) for v in sums.values()]), reduction="mean")
+        values = dict(zip(sums.keys(), means.tolist()))
+        nonfinite.check_window(values["loss"], global_step, captions)
+        return values
+
     while global_step < config.max_steps:
         epoch, skip = divmod(micro_step, len(loader))
         sampler.start_epoch(epoch)
@@ -205,8 +235,8 @@ def _train(config: TrainConfig) -> Path:
         for batch in batches:
             with accelerator.accumulate(unet):
                 batch_loss = feedback_batch_loss if config.data.feedback_column else micro_batch_loss
-                loss, metrics = batch_loss(batch, step_generator(config.seed, micro_step, accelerator.process_index))
-                finite = nonfinite.check_loss(loss, global_step + 1, batch["caption"])  # stop: raises
+                loss, metrics = batch_loss(batch, PairStreams(config.seed, epoch, batch["index"]))
+                finite = nonfinite.check_loss(loss, global_step + 1, batch["caption"])  # skip: False drops the batch
                 bad_samples.add(skipped_records(batch), micro_step, global_step + 1)
                 if finite:
                     accelerator.backward(loss)
@@ -221,8 +251,9 @@ def _train(config: TrainConfig) -> Path:
             micro_step += 1
             log.count(len(batch["caption"]))
             if finite:  # a skipped batch's NaNs stay out of the logged means
-                for key, value in {"loss": loss.detach(), **metrics}.items():
-                    window[key] = window.get(key, 0.0) + float(value)
+                for key, value in {"loss": loss, **metrics}.items():
+                    value = torch.as_tensor(value, dtype=torch.float32, device=accelerator.device).detach()
+                    window[key] = window[key] + value if key in window else value
                 window_count += 1
             if not accelerator.sync_gradients:
                 continue
@@ -230,11 +261,9 @@ def _train(config: TrainConfig) -> Path:
             if ema is not None:
                 ema.step(params)
             progress.update(1)
+            checkpointing = bool(config.checkpoint_every) and global_step % config.checkpoint_every == 0
             if global_step % config.log_every == 0 or global_step == config.max_steps:
-                window = window or {"loss": float("nan")}  # every step of the window was skipped
-                means = torch.tensor([v / max(window_count, 1) for v in window.values()], device=accelerator.device)
-                means = accelerator.reduce(means, reduction="mean")
-                values = dict(zip(window.keys(), means.tolist()))
+                values = window_means(batch["caption"])
                 bad_samples.flush()
                 values.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                               lr=lr_schedule.get_last_lr()[0], epoch=epoch, bad_samples=bad_samples.count,
@@ -242,15 +271,17 @@ def _train(config: TrainConfig) -> Path:
                 record = log.write(global_step, values)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('implicit_acc', float('nan')):.2f}")
                 window, window_count = {}, 0
-            if config.checkpoint_every and global_step % config.checkpoint_every == 0 and global_step < config.max_steps:
+            elif checkpointing:
+                window_means(batch["caption"])  # never checkpoint weights a NaN loss has reached
+            if checkpointing and global_step < config.max_steps:
                 bad_samples.flush()
-                save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step,
-                                                       **nonfinite.state()}, config.checkpoints_total_limit)
+                save_checkpoint(accelerator, run_dir, {**position(global_step, micro_step), **nonfinite.state()},
+                                config.checkpoints_total_limit)
             if global_step >= config.max_steps:
                 break
     progress.close()
     bad_samples.flush()
-    save_checkpoint(accelerator, run_dir, {"global_step": global_step, "micro_step": micro_step, **nonfinite.state()},
+    save_checkpoint(accelerator, run_dir, {**position(global_step, micro_step), **nonfinite.state()},
                     config.checkpoints_total_limit)
 
     # ---- export -------------------------------------------------------------------------------

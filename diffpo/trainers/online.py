@@ -41,6 +41,7 @@ from diffpo.trainers.common import (
     checkpoint_extra,
     export_final,
     load_policy,
+    loader_options,
     make_accelerator,
     make_ema,
     prepare_run_dir,
@@ -83,7 +84,7 @@ def _train(config: TrainConfig) -> Path:
     from diffusers import DDIMScheduler
 
     from diffpo.data import rounds as round_files
-    from diffpo.data.pairs import build_pairs, collate_pairs
+    from diffpo.data.pairs import build_pairs
     from diffpo.data.preferences import reward_preferences
     from diffpo.eval.config import PromptSetConfig
     from diffpo.eval.prompts import load_prompts
@@ -156,7 +157,7 @@ def _train(config: TrainConfig) -> Path:
         # DRO: a loader batch is one refill of the replay buffer
         batch_size = (online.replay_batch_size or config.train_batch_size) if is_dro else config.train_batch_size
         loader = torch.utils.data.DataLoader(winners, batch_size=batch_size, sampler=sampler,
-                                             collate_fn=collate_pairs, num_workers=config.data.num_workers, drop_last=True)
+                                             **loader_options(config, accelerator))
         if len(loader) == 0:
             raise ValueError(f"{len(winners)} images do not fill one batch of {batch_size}: use more images or a "
                              "smaller train_batch_size (DRO: online.replay_batch_size)")
@@ -177,6 +178,10 @@ def _train(config: TrainConfig) -> Path:
     # ---- resume -------------------------------------------------------------------------------
     state, log = resume(accelerator, run_dir, config.resume_from,
                         {"global_step": 0, "micro_step": 0, "round": 0, "round_step": 0, "expert_batches": 0})
+    if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+        # rounds, replay buffers and expert-batch counters are per process
+        raise ConfigError(f"this {config.method} checkpoint was saved by {state['num_processes']} processes: "
+                          f"resume it with {state['num_processes']} (online runs keep per-process state)")
     nonfinite = NonfiniteGuard(accelerator, run_dir, config.on_nonfinite, config.max_nonfinite_skips, state)
     pool = load_pool(run_dir / "pool", online.pool_strategy, state["global_step"]) if config.method == "seppo" else None
     replay = replay_name = None

@@ -5,6 +5,7 @@ folder that cannot be written, a disk too small for the checkpoints the run will
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -61,6 +62,20 @@ def _must_match(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in RESUME_MUST_MATCH)
 
 
+def _free_on_resume(checkpoint: Path) -> tuple[str, ...]:
+    """Keys of ``RESUME_MUST_MATCH`` this checkpoint does not tie: an offline-pairs checkpoint that
+    records its place in the epoch (``epoch_pairs``) resumes with another ``train_batch_size`` (or
+    process count), since each pair draws from its own random stream; the loop checks that the new
+    batches divide the pairs consumed (``trainers.common.resumed_micro_step``)."""
+    from diffpo.trainers.common import STATE_FILE
+
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return ()
+    return ("train_batch_size",) if isinstance(state, dict) and "epoch_pairs" in state else ()
+
+
 def saved_config_path(checkpoint: Path) -> Path | None:
     """The config of the run that wrote ``checkpoint``: one inside it, else its run dir's ``config.yaml``."""
     for path in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml"):
@@ -87,7 +102,8 @@ def check_resume_config(config, run_dir: Path) -> list[str]:
         return []
     old, new = _flatten(saved), _flatten(to_dict(config))
     changed = [k for k in new if k in old and _comparable(k, old[k]) != _comparable(k, new[k])]
-    differing = [k for k in changed if _must_match(k)]
+    free = _free_on_resume(checkpoint)
+    differing = [k for k in changed if _must_match(k) and k not in free]
     if differing:
         shown = "; ".join(f"{k}: {old[k]!r} there, {new[k]!r} here" for k in differing)
         raise ConfigError(
