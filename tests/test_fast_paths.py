@@ -60,6 +60,29 @@ def test_a_nan_loss_stops_at_the_next_logging_step(tmp_path, tiny_sd_dir, shapes
     assert not (tmp_path / "nan" / "checkpoints").exists()
 
 
+def test_deferred_stop_keeps_the_first_nonfinite_gradient_norm_until_the_check(tmp_path):
+    """on_nonfinite=stop in a loop with device-side metrics: nothing is read per step; the check at
+    the logging step names the first non-finite norm since the last check. skip never defers."""
+    from types import SimpleNamespace
+
+    from diffpo.trainers.nonfinite import NonfiniteGuard
+
+    accelerator = SimpleNamespace(num_processes=1, scaler=None, device=torch.device("cpu"))  # what the guard reads
+    guard = NonfiniteGuard(accelerator, tmp_path, "stop", 3, defer_stop=True)
+    assert guard.check_loss(torch.tensor(float("nan")), 1, ["a"])  # left to the window mean
+    for step, norm in enumerate((1.0, float("inf"), float("nan"), 2.0), start=1):
+        assert guard.step_ok(torch.tensor(norm), step, ["a"])
+    with pytest.raises(FloatingPointError, match=r"the gradient norm is inf at step 4 \(captions: \['a cat'\]\)"):
+        guard.check_window(0.5, 4, ["a cat"])
+    guard.check_window(0.5, 5, ["a"])  # the check starts a new window
+    with pytest.raises(FloatingPointError, match="loss is nan at step 6"):
+        guard.check_window(float("nan"), 6, ["a"])
+    skip = NonfiniteGuard(accelerator, tmp_path, "skip", 3, defer_stop=True)
+    assert not skip.check_loss(torch.tensor(float("nan")), 1, ["a"]) and not skip.step_ok(torch.tensor(1.0), 1, ["a"])
+    assert skip.skipped == 1
+    skip.check_window(float("nan"), 1, ["a"])  # skip decided at the step: nothing to stop at the log
+
+
 @pytest.mark.slow
 def test_compiled_unet_trains_like_the_eager_one(tmp_path, tiny_sd_dir, shapes_parquet):
     """compile=true (inductor; ~5 min on 2 shared CPU cores): the same losses within compiler
