@@ -23,10 +23,12 @@ def _cache(args) -> None:
     from diffpo.data.cache import build_cache
     from diffpo.data.pairs import build_pairs
     from diffpo.models.loading import load_stack
+    from diffpo.trainers.common import check_frames
 
     config = load_config(TrainConfig, args.config, args.overrides)
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
                        config.model.prediction_type, config.model.vae)
+    check_frames(config.data, stack)
     pairs = build_pairs(config.data, config.data.resolution or stack.native_resolution, config.seed)
     folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size)
     print(f"cache of {len(pairs)} pairs in {folder}")

@@ -46,6 +46,7 @@ class LoraConfig:
     alpha: float | None = None  # None: alpha = rank (scale 1)
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    part: Literal["both", "spatial", "motion"] = "both"  # video UNets: spatial layers, motion modules, or both
 
     def __post_init__(self):
         if self.rank < 1:
@@ -95,8 +96,14 @@ class DataConfig:
     score_columns: list[str] | None = None  # reward scores of image 0 and image 1 (SmPO, MADPO), e.g. [pickscore_0, pickscore_1]
     curriculum_stages: int = 0  # Curry-DPO: first pass easy -> hard by score margin in this many stages (0: off)
     feedback_column: str | None = None  # Diffusion-KTO on unpaired data: one image per row, this column 1 (desirable) / 0
+    num_frames: int | None = None  # video data: frames per clip (needed by video models; None: images)
+    frame_stride: int = 1  # video data: keep every frame_stride-th frame of a clip, from the first
 
     def __post_init__(self):
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ConfigError(f"data.num_frames={self.num_frames} must be >= 1 (or null for image data)")
+        if self.frame_stride < 1:
+            raise ConfigError(f"data.frame_stride={self.frame_stride} must be >= 1")
         if self.curriculum_stages < 0:
             raise ConfigError(f"data.curriculum_stages={self.curriculum_stages} must be >= 0 (0 turns the curriculum off)")
         if not 0.0 <= self.prompt_dropout <= 1.0:

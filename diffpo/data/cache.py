@@ -1,12 +1,13 @@
-"""Precomputed VAE latent distributions and text embeddings, as safetensors shards.
+"""Precomputed VAE latent distributions and text embeddings, as safetensors shards (video
+clips as (C, F, h, w) latents, their frames encoded one by one).
 
 ``diffpo cache CONFIG`` (or ``cache.enabled: true`` in a training config) encodes every pair once;
 training from the cache then never runs the VAE encoder or the text encoders. The cache folder is
 named by a hash of everything that changes its contents (model source and revision, VAE and text
-encoder configs, resolution, crop, flip views, dataset fingerprint and selected rows, dtype), so a
-stale cache is never reused: a change makes a new key. ``meta.json`` is written last and marks a
-complete cache; shards are written to a temporary name and renamed, so an interrupted build
-resumes from the last whole shard.
+encoder configs, resolution, crop, flip views, frame count and stride, dataset fingerprint and
+selected rows, dtype), so a stale cache is never reused: a change makes a new key. ``meta.json``
+is written last and marks a complete cache; shards are written to a temporary name and renamed,
+so an interrupted build resumes from the last whole shard.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def cache_key(stack, dataset: PreferencePairs, dtype: str) -> str:
         "rows": hashlib.sha256(dataset.rows.tobytes()).hexdigest(),
         "dtype": dtype,
     }
+    if dataset.num_frames is not None:  # video clips (image caches keep their keys)
+        content["frames"] = {"num_frames": dataset.num_frames, "stride": dataset.frame_stride}
     blob = json.dumps(content, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -3,7 +3,9 @@
 Every source is read through ``datasets`` (memory-mapped Arrow, so a multi-GB parquet folder is
 not loaded into RAM). A row holds two images, a caption and ``label_0`` (1: image 0 preferred,
 0: image 1 preferred, 0.5: tie). Each item is ordered winner first and augmented with a generator
-seeded by (seed, epoch, index), so a resumed run sees exactly the same pixels.
+seeded by (seed, epoch, index), so a resumed run sees exactly the same pixels. With ``num_frames``
+set the two "images" are videos (GIF/MP4 files, frame folders, encoded bytes or lists of frames;
+``diffpo.data.videos``): every frame gets the same crop and flip, pixels are (F, 3, R, R).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from diffpo.data.images import decode_image, resize_and_crop, resized_shape
+from diffpo.data.videos import decode_video
 
 VALID_LABELS = (0.0, 0.5, 1.0)
 
@@ -89,6 +92,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         winners_only: bool = False,
         score_columns: list[str] | None = None,
         feedback_column: str | None = None,
+        num_frames: int | None = None,
+        frame_stride: int = 1,
     ):
         # winners_only (SePPO): only the preferred image is read; a plain image+caption table
         # (no image_1 / label column) counts as all winners. feedback_column (Diffusion-KTO, unpaired):
@@ -131,6 +136,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.base_dir = Path(base_dir) if base_dir else None
         self.winners_only = winners_only
         self.score_columns = score_columns
+        self.num_frames, self.frame_stride = num_frames, frame_stride  # num_frames None: images
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -167,12 +173,19 @@ class PreferencePairs(torch.utils.data.Dataset):
             item["score_w"], item["score_l"] = (score_0, score_1) if label >= 0.5 else (score_1, score_0)
         sides = (("w", first, flips[0]),) if self.winners_only else (("w", first, flips[0]), ("l", second, flips[1]))
         for name, column, flip in sides:
-            image = decode_image(record[column], self.base_dir, where=f"row {row} column {column}")
+            where = f"row {row} column {column}"
+            if self.num_frames is None:
+                frames = [decode_image(record[column], self.base_dir, where=where)]
+            else:
+                frames = decode_video(record[column], self.base_dir, where, self.num_frames, self.frame_stride)
+            image = frames[0]
             crop = None
             if self.crop == "random":
                 h, w = resized_shape(image.size, self.resolution)
                 crop = (int(rng.integers(0, h - self.resolution + 1)), int(rng.integers(0, w - self.resolution + 1)))
             pixels, crop = resize_and_crop(image, self.resolution, crop)
+            if self.num_frames is not None:  # every frame cropped where the first was: (F, 3, R, R)
+                pixels = torch.stack([pixels] + [resize_and_crop(f, self.resolution, crop)[0] for f in frames[1:]])
             if flip:
                 pixels = pixels.flip(-1)
             item[f"pixels_{name}"] = pixels
@@ -214,4 +227,6 @@ def build_pairs(data_config, resolution: int, seed: int, winners_only: bool = Fa
         winners_only=winners_only,
         score_columns=data_config.score_columns,
         feedback_column=data_config.feedback_column,
+        num_frames=data_config.num_frames,
+        frame_stride=data_config.frame_stride,
     )

@@ -33,6 +33,7 @@ from diffpo.trainers.common import (
     EpochSampler,
     build_optimization,
     check_finite,
+    check_frames,
     export_final,
     load_policy,
     make_accelerator,
@@ -68,6 +69,7 @@ def _train(config: TrainConfig) -> Path:
     method = METHODS[config.method]
     weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
+    check_frames(config.data, stack)
     resolution = config.data.resolution or stack.native_resolution
     if resolution % stack.vae_scale_factor:
         raise ValueError(f"data.resolution={resolution} is not divisible by the VAE factor {stack.vae_scale_factor}")
