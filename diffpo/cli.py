@@ -27,7 +27,7 @@ def _cache(args) -> None:
 
     config = load_config(TrainConfig, args.config, args.overrides)
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
-                       config.model.prediction_type, config.model.vae)
+                       config.model.prediction_type, config.model.vae, motion_adapter=config.model.motion_adapter)
     check_frames(config.data, stack)
     pairs = build_pairs(config.data, config.data.resolution or stack.native_resolution, config.seed)
     folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size)
@@ -39,7 +39,8 @@ def _quickstart(args) -> None:
     from diffpo.quickstart import QuickstartConfig, default_config_path, run_quickstart
 
     methods = [o.split("=", 1)[1].strip() for o in args.overrides if o.startswith("method=")]
-    preset = default_config_path(methods[-1] if methods else None)
+    models = [o.split("=", 1)[1].strip() for o in args.overrides if o.startswith("model=")]
+    preset = default_config_path(methods[-1] if methods else None, models[-1] if models else None)
     path = args.config or (preset if preset.is_file() else None)
     config = load_config(QuickstartConfig, path, args.overrides)
     result = run_quickstart(config)

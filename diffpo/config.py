@@ -36,6 +36,7 @@ class ModelConfig:
     variant: str | None = None  # e.g. "fp16" weight files on the hub
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler's own
     vae: str | None = None  # a separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)
+    motion_adapter: str | None = None  # AnimateDiff: a MotionAdapter (hub id or folder) added to an SD1.x model's UNet
 
 
 @dataclass

@@ -60,6 +60,7 @@ class StableDiffusionFamily:
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     video = False
     motion_markers: tuple[str, ...] = ()  # module-name parts of temporal layers (video families)
+    keyword_called: str | None = None  # regex of module paths the UNet calls as f(input=x): no LoRA there
     supports_lora = True
 
     @property
@@ -128,6 +129,8 @@ class AnimateDiffFamily(StableDiffusionFamily):
     pipeline_extras = {"motion_adapter": None, "feature_extractor": None, "image_encoder": None}
     video = True
     motion_markers = ("motion_modules",)
+    # diffusers 0.42.1's AnimateDiffTransformer3D calls proj_in(input=...) / proj_out(input=...)
+    keyword_called = r"motion_modules\.\d+\.proj_(in|out)$"
 
 
 class TextToVideoFamily(StableDiffusionFamily):

@@ -109,6 +109,8 @@ class DiffusionStack:
 
     def load_unet(self, dtype=torch.float32):
         """A fresh copy of the base UNet read from the source (for a frozen reference)."""
+        if self.extra.get("motion_adapter"):
+            return with_motion_adapter(self.source, self.extra["motion_adapter"], self.revision, dtype)
         return self.family.unet_class.from_pretrained(self.source, subfolder="unet", revision=self.revision, torch_dtype=dtype)
 
     def pipeline(self, unet=None, scheduler=None):
@@ -130,8 +132,12 @@ def load_stack(
     vae: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    motion_adapter: str | None = None,
 ) -> DiffusionStack:
-    """Load the UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler."""
+    """Load the UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler.
+
+    ``motion_adapter`` (AnimateDiff) turns an SD1.x model's UNet into a ``UNetMotionModel`` with
+    that adapter's motion modules; the stack is then of the AnimateDiff family."""
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler
 
@@ -139,7 +145,14 @@ def load_stack(
     index = read_model_index(source, revision)
     family = family_for(index.get("_class_name", ""))
     common = dict(revision=revision, variant=variant)
-    unet = family.unet_class.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
+    if motion_adapter:
+        if family.name != "sd":
+            raise ValueError(f"model.motion_adapter adds AnimateDiff motion modules to an SD1.x UNet; {source} is a "
+                             f"{index.get('_class_name')}: drop model.motion_adapter")
+        family = family_for("AnimateDiffPipeline")
+        unet = with_motion_adapter(source, motion_adapter, revision, dtype, variant)
+    else:
+        unet = family.unet_class.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
     vae_model = (
         AutoencoderKL.from_pretrained(resolve_source(vae), torch_dtype=dtype)
         if vae
@@ -167,7 +180,18 @@ def load_stack(
         noise_scheduler=scheduler,
         prediction_type=scheduler.config.prediction_type,
         revision=revision,
+        extra={"motion_adapter": motion_adapter} if motion_adapter else {},
     )
+
+
+def with_motion_adapter(source: str, adapter: str, revision: str | None, dtype: torch.dtype, variant: str | None = None):
+    """An SD1.x UNet from ``source`` with the ``MotionAdapter`` ``adapter`` (hub id or folder): AnimateDiff."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant, torch_dtype=dtype)
+    path = Path(adapter).expanduser()
+    motion = MotionAdapter.from_pretrained(str(path) if path.exists() else adapter, torch_dtype=dtype)
+    return UNetMotionModel.from_unet2d(unet, motion).to(dtype)
 
 
 def unet_denoiser(unet):

@@ -53,8 +53,17 @@ def nearest_palette(images: torch.Tensor, palette: torch.Tensor, max_distance: f
     return torch.where(distance <= max_distance, nearest, -1)
 
 
+def _still_spec(caption: str):
+    """The shape of a moving-shapes caption ("a red circle moving left on a blue background")."""
+    from diffpo.data.moving_shapes import parse_motion_caption
+
+    spec = parse_motion_caption(caption)
+    return None if spec is None else spec.still
+
+
 class ColourMatch(RewardHead):
-    """Does the image show the caption's colours? For "a <S> <shape> on a <B> background":
+    """Does the image show the caption's colours? For "a <S> <shape> on a <B> background" (or a
+    moving-shapes caption, "a <S> <shape> moving <d> on a <B> background", scored per frame):
     every pixel is assigned its nearest palette colour if it lies within ``max_distance`` of it
     (Euclidean, RGB in [0, 1]); with f_S, f_B the fractions assigned to S and B, the score is
     (f_S + f_B) · min(1, f_S / min_shape_fraction), in [0, 1]. Noise, wrong colours and a missing
@@ -74,7 +83,7 @@ class ColourMatch(RewardHead):
         nearest = nearest_palette(images, self.palette, self.max_distance)  # -1: no palette colour
         scores = []
         for assigned, prompt in zip(nearest, prompts):
-            spec = parse_caption(prompt)
+            spec = parse_caption(prompt) or _still_spec(prompt)
             if spec is None:
                 scores.append(float("nan"))
                 continue

@@ -208,7 +208,8 @@ def load_policy(config, accelerator, weight_dtype):
     from diffpo.models.lora import attach_lora
 
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
-                       config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device)
+                       config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device,
+                       motion_adapter=config.model.motion_adapter)
     unet = stack.unet
     if config.finetune == "lora":
         if not stack.family.supports_lora:
@@ -272,7 +273,8 @@ def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: i
             trained.save_pretrained(final / "unet", safe_serialization=True)
         (final / "diffpo.json").write_text(json.dumps({
             "base_model": stack.source, "finetune": config.finetune, "method": config.method,
-            "steps": global_step, "pipeline_class": stack.family.pipeline_class_name}, indent=2))
+            "steps": global_step, "pipeline_class": stack.family.pipeline_class_name,
+            **({"motion_adapter": stack.extra["motion_adapter"]} if stack.extra.get("motion_adapter") else {})}, indent=2))
 
 
 def run_resetting_accelerate(loop, config):
