@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Sample pairs from the bundled tiny model, label them with a reward, train "
                                             "Diffusion-DPO LoRA, and report reward before/after and the win rate.")
     quick.add_argument("--config", default=None, help="optional YAML (default: built-in, as configs/quickstart.yaml)")
-    quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/qs method=sft train.max_steps=100")
+    quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/qs method=sft train.max_steps=100; "
+                                                    "model=video: the bundled text-to-video model (configs/quickstart_video.yaml)")
     quick.set_defaults(func=_quickstart)
 
     evaluate = commands.add_parser(

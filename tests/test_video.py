@@ -344,3 +344,55 @@ def test_motion_match_scores_travel_along_the_caption_direction():
     assert head(videos[:1], ["a red square on a blue background"]).isnan().all()
     with pytest.raises(ValueError, match="scores videos"):
         head(videos[:, 0], prompts)
+
+
+def test_mp4_clips_decode_through_imageio_ffmpeg(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    from diffpo.data.videos import decode_video
+    from diffpo.eval.video import save_mp4
+
+    frames = _as_tensor(_clips(1, frames=5)[0][0])
+    path = save_mp4(frames, tmp_path / "clip.mp4", fps=4)
+    decoded = decode_video(str(path), num_frames=5)
+    assert len(decoded) == 5 and decoded[0].size == (32, 32)
+    assert (_as_tensor(decoded) - frames).abs().mean() < 0.1  # lossy H.264, same picture
+    assert len(decode_video(path.read_bytes(), num_frames=2, stride=2)) == 2
+
+
+def test_sd_model_plus_motion_adapter_is_an_animatediff_stack(tmp_path, tiny_sd_dir, tiny_sdxl_dir):
+    from diffusers import MotionAdapter
+
+    from diffpo.models.loading import load_stack
+    from diffpo.models.tiny import tiny_motion_adapter_config
+
+    torch.manual_seed(0)
+    MotionAdapter(**tiny_motion_adapter_config()).save_pretrained(tmp_path / "adapter")
+    stack = load_stack(tiny_sd_dir, motion_adapter=str(tmp_path / "adapter"))
+    assert stack.family.name == "animatediff" and type(stack.unet).__name__ == "UNetMotionModel"
+    copy = stack.load_unet()  # the frozen reference of full fine-tuning: the same composition again
+    state, again = stack.unet.state_dict(), copy.state_dict()
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    with pytest.raises(ValueError, match="StableDiffusionXLPipeline: drop model.motion_adapter"):
+        load_stack(tiny_sdxl_dir, motion_adapter=str(tmp_path / "adapter"))
+
+
+def test_video_quickstart_end_to_end_writes_the_video_report(tmp_path, tiny_animatediff_dir):
+    from diffpo.quickstart import QuickstartConfig, default_config_path, run_quickstart
+
+    path = default_config_path("diffusion_dpo", "video")
+    assert path.name == "quickstart_video.yaml"
+    config = load_config(QuickstartConfig, path, [
+        f"model={tiny_animatediff_dir}", f"output_dir={tmp_path / 'qs'}", f"num_frames={FRAMES}", "num_prompts=2",
+        "samples_per_prompt=2", "eval_prompts=3", "eval_seeds_per_prompt=1", "sample_steps=2", "eval_steps=2",
+        "train.max_steps=2", "train.train_batch_size=1", "train.log_every=1", "grid_prompts=2"])
+    result = run_quickstart(config)
+    out = tmp_path / "qs"
+    assert json.loads((out / "quickstart.json").read_text())["win_rate"] == result["win_rate"]
+    assert len(result["per_frame_reward"]["base"]) == FRAMES
+    assert set(result["temporal_consistency"]) == {"base", "aligned"}
+    assert {"colour-match", "motion-match"} <= set(result["checks"])
+    assert (out / "before_after.gif").is_file() and (out / "before_after.png").is_file()
+    report = (out / "report" / "index.html").read_text()
+    assert ".gif" in report and "Temporal consistency" in report
+    rows = [json.loads(line) for line in (out / "report" / "scores.jsonl").read_text().splitlines()]
+    assert rows and all(r["frames"] == FRAMES and "temporal_consistency" in r for r in rows)

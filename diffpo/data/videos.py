@@ -3,8 +3,8 @@ of frame images, and lists of encoded frames (a parquet column of image bytes).
 
 A clip is read, every ``stride``-th frame kept from the first, and the first ``num_frames`` of those
 used; a clip with fewer is refused with a message naming it (never padded or looped silently).
-MP4 and other container formats need the optional ``imageio`` + ``imageio-ffmpeg``
-(``pip install 'diffpo[video]'``); GIF, WebP and frame folders need only Pillow.
+MP4 and other container formats need the optional ``imageio-ffmpeg`` (``pip install 'diffpo[video]'``);
+GIF, WebP and frame folders need only Pillow.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from PIL import Image, ImageSequence
 from diffpo.data.images import MAX_PIXELS, BadSampleError, decode_image, to_rgb
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-ANIMATED_SUFFIXES = (".gif", ".webp", ".apng", ".png")
 CONTAINER_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 
 
@@ -82,24 +81,26 @@ def _animated_frames(source, where: str) -> list[Image.Image]:
 
 
 def _container_frames(source, where: str) -> list[Image.Image]:
+    """The frames of an MP4 / WebM / MOV file (or its bytes) through imageio-ffmpeg's ffmpeg."""
     try:
-        import imageio.v3 as iio
+        import imageio_ffmpeg
     except ImportError:
-        raise BadSampleError(f"{where}: reading MP4/WebM needs imageio and imageio-ffmpeg: pip install 'diffpo[video]' "
+        raise BadSampleError(f"{where}: reading MP4/WebM needs imageio-ffmpeg: pip install 'diffpo[video]' "
                              "(or convert the clips to GIF or frame folders)") from None
+    if isinstance(source, bytes):  # ffmpeg reads files: spill the bytes to a temporary one
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+            handle.write(source)
+            handle.flush()
+            return _container_frames(handle.name, where)
     try:
-        arrays = iio.imread(source, index=None, plugin="pyav") if _has_pyav() else iio.imread(source, index=None)
-    except Exception as error:  # the ffmpeg plugins raise many classes; the message is what matters
+        reader = imageio_ffmpeg.read_frames(str(source), pix_fmt="rgb24")
+        meta = next(reader)
+        width, height = meta["size"]
+        return [Image.frombytes("RGB", (width, height), bytes(frame)) for frame in reader]
+    except Exception as error:  # ffmpeg fails in many ways; the message is what matters
         raise BadSampleError(f"{where}: corrupt or unreadable video ({error.__class__.__name__}: {error})") from None
-    return [Image.fromarray(a).convert("RGB") for a in arrays]
-
-
-def _has_pyav() -> bool:
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def encode_gif(frames: list[Image.Image], fps: int = 8) -> bytes:
