@@ -396,3 +396,25 @@ def test_video_quickstart_end_to_end_writes_the_video_report(tmp_path, tiny_anim
     assert ".gif" in report and "Temporal consistency" in report
     rows = [json.loads(line) for line in (out / "report" / "scores.jsonl").read_text().splitlines()]
     assert rows and all(r["frames"] == FRAMES and "temporal_consistency" in r for r in rows)
+
+
+def test_diffpo_eval_generates_scores_and_reports_clips_of_a_video_model(tmp_path, tiny_animatediff_dir):
+    from diffpo.eval.config import load_eval_config
+    from diffpo.eval.generation import load_sample
+    from diffpo.eval.runner import run_eval
+
+    (tmp_path / "prompts.txt").write_text("a red circle moving left on a blue background\n"
+                                          "a white square moving up on a black background\n")
+    (tmp_path / "eval.yaml").write_text(
+        f"output_dir: {tmp_path / 'out'}\nmodels: [{{name: base, pretrained: {tiny_animatediff_dir}}}]\n"
+        f"prompts: {{source: {tmp_path / 'prompts.txt'}}}\nrewards: [{{name: motion-match}}, {{name: jpeg-compressibility}}]\n"
+        f"sampling: {{steps: 2, images_per_prompt: 1, num_frames: {FRAMES}, batch_size: 2}}\nprogress_bar: false\n")
+    result = run_eval(load_eval_config(tmp_path / "eval.yaml"))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["frames"] == FRAMES for r in rows)
+    clip = load_sample(tmp_path / "out" / rows[0]["file"])
+    assert clip.shape == (FRAMES, 3, 32, 32)
+    from diffpo.rewards import load
+
+    assert rows[0]["motion-match"] == pytest.approx(float(load("motion-match")(clip[None], [rows[0]["prompt"]])[0]), abs=1e-6)
+    assert ".gif" in (tmp_path / "out" / "index.html").read_text() and result["report"]
