@@ -418,3 +418,23 @@ def test_diffpo_eval_generates_scores_and_reports_clips_of_a_video_model(tmp_pat
 
     assert rows[0]["motion-match"] == pytest.approx(float(load("motion-match")(clip[None], [rows[0]["prompt"]])[0]), abs=1e-6)
     assert ".gif" in (tmp_path / "out" / "index.html").read_text() and result["report"]
+
+
+def test_bundled_video_model_loads_with_its_pipeline_and_is_small():
+    from diffusers import AnimateDiffPipeline
+
+    from diffpo.models.loading import assets_dir, load_stack
+
+    folder = assets_dir() / "tiny-video-shapes"
+    weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert weights < 20e6 and sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 20e6
+    card = json.loads((folder / "training.json").read_text())
+    for key in ("seed", "steps", "wall_seconds", "frames"):
+        assert key in card
+    assert (folder / "README.md").is_file() and (folder / "samples.gif").is_file()
+    stack = load_stack("tiny-video")
+    assert stack.family.name == "animatediff" and stack.source == str(folder)
+    pipe = AnimateDiffPipeline.from_pretrained(folder)
+    clip = pipe("a red circle moving left on a blue background", num_frames=card["frames"], num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert clip.shape == (1, card["frames"], 3, 32, 32)
