@@ -182,8 +182,9 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     if frames is not None:  # videos: the reward of each frame position, and the consistency of consecutive frames
         result["grid"] = ("before_after.png (top row: base, bottom row: aligned; each clip's frames left to right; same "
                           "seeds) and before_after.gif")
-        result["per_frame_reward"] = {model: [float(reward(videos[:, f].contiguous(), eval_prompts).nanmean())
-                                              for f in range(frames)] for model, videos in (("base", before), ("aligned", after))}
+        if not reward.scores_videos:  # a whole-clip reward (motion-match) has no per-frame score
+            result["per_frame_reward"] = {model: [float(reward(videos[:, f].contiguous(), eval_prompts).nanmean())
+                                                  for f in range(frames)] for model, videos in (("base", before), ("aligned", after))}
         result["temporal_consistency"] = {model: summarize(temporal_consistency(videos, pixel_embedding).numpy(), seed=config.seed)
                                           for model, videos in (("base", before), ("aligned", after))}
     result["report"] = str(_write_report(config, run_dir, before, after, eval_prompts, eval_seeds, r_before, r_after,
