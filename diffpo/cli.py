@@ -31,13 +31,16 @@ def _cache(args) -> None:
     from diffpo.data.pairs import build_pairs
     from diffpo.errors import disk_full_names
     from diffpo.models.loading import load_stack
+    from diffpo.trainers.common import check_frames
 
     config = load_config(TrainConfig, args.config, args.overrides)
     # under `accelerate launch` / torchrun every process encodes its share of the shards on its device
     # (cpu=True: torchrun on a machine without an accelerator forms a gloo group)
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
-                       config.model.prediction_type, config.model.vae, device=state.device)
+                       config.model.prediction_type, config.model.vae, device=state.device,
+                       motion_adapter=config.model.motion_adapter)
+    check_frames(config.data, stack)
     pairs = build_pairs(config.data, config.data.resolution or stack.native_resolution, config.seed)
     with disk_full_names(config.cache.dir, then="rerun `diffpo cache` (finished shards are kept)"):
         folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
@@ -84,7 +87,8 @@ def _quickstart(args) -> None:
     from diffpo.quickstart import QuickstartConfig, default_config_path, run_quickstart
 
     methods = [o.split("=", 1)[1].strip() for o in args.overrides if o.startswith("method=")]
-    preset = default_config_path(methods[-1] if methods else None)
+    models = [o.split("=", 1)[1].strip() for o in args.overrides if o.startswith("model=")]
+    preset = default_config_path(methods[-1] if methods else None, models[-1] if models else None)
     path = args.config or (preset if preset.is_file() else None)
     config = load_config(QuickstartConfig, path, args.overrides)
     result = run_quickstart(config)
@@ -207,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Sample pairs from the bundled tiny model, label them with a reward, train "
                                             "Diffusion-DPO LoRA, and report reward before/after and the win rate.")
     quick.add_argument("--config", default=None, help="optional YAML (default: built-in, as configs/quickstart.yaml)")
-    quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/qs method=sft train.max_steps=100")
+    quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/qs method=sft train.max_steps=100; "
+                                                    "model=video: the bundled text-to-video model (configs/quickstart_video.yaml)")
     quick.set_defaults(func=_quickstart)
 
     evaluate = commands.add_parser(

@@ -36,6 +36,7 @@ class ModelConfig:
     variant: str | None = None  # e.g. "fp16" weight files on the hub
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler's own
     vae: str | None = None  # a separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)
+    motion_adapter: str | None = None  # AnimateDiff: a MotionAdapter (hub id or folder) added to an SD1.x model's UNet
 
 
 @dataclass
@@ -46,6 +47,7 @@ class LoraConfig:
     alpha: float | None = None  # None: alpha = rank (scale 1)
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    part: Literal["both", "spatial", "motion"] = "both"  # video UNets: spatial layers, motion modules, or both
 
     def __post_init__(self):
         if self.rank < 1:
@@ -97,8 +99,14 @@ class DataConfig:
     feedback_column: str | None = None  # Diffusion-KTO on unpaired data: one image per row, this column 1 (desirable) / 0
     allow_empty_captions: bool = False  # true: an empty caption is an unconditional sample, not a bad one
     skip_bad_samples: bool = True  # corrupt images / empty or non-UTF-8 captions: skipped, counted, listed in RUN_DIR/bad_samples.jsonl (false: fatal)
+    num_frames: int | None = None  # video data: frames per clip (needed by video models; None: images)
+    frame_stride: int = 1  # video data: keep every frame_stride-th frame of a clip, from the first
 
     def __post_init__(self):
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ConfigError(f"data.num_frames={self.num_frames} must be >= 1 (or null for image data)")
+        if self.frame_stride < 1:
+            raise ConfigError(f"data.frame_stride={self.frame_stride} must be >= 1")
         if self.curriculum_stages < 0:
             raise ConfigError(f"data.curriculum_stages={self.curriculum_stages} must be >= 0 (0 turns the curriculum off)")
         if not 0.0 <= self.prompt_dropout <= 1.0:

@@ -1,15 +1,17 @@
-"""Precomputed VAE latent distributions and text embeddings, as safetensors shards.
+"""Precomputed VAE latent distributions and text embeddings, as safetensors shards (video
+clips as (C, F, h, w) latents, their frames encoded one by one).
 
 ``diffpo cache CONFIG`` (or ``cache.enabled: true`` in a training config) encodes every pair once;
 training from the cache then never runs the VAE encoder or the text encoders. The cache folder is
 named by a hash of everything that changes its contents (model source and revision, VAE and text
-encoder configs and a fingerprint of their weights, resolution, crop, flip views, dataset
-fingerprint and selected rows, dtype), so a stale cache is never reused: a change makes a new key,
-even for a model replaced in place. ``meta.json`` is written last, marks a complete cache and
-records what it was built for; a cache folder passed where the cache root belongs is checked
-against it and refused, naming the difference, when it was built for another model or data.
-Shards are written to a temporary name and renamed, so an interrupted build resumes from the last
-whole shard; each shard's metadata lists the bad samples it skipped (``bad_samples.jsonl``).
+encoder configs and a fingerprint of their weights, resolution, crop, flip views, frame count and
+stride of video clips, dataset fingerprint and selected rows, dtype), so a stale cache is never
+reused: a change makes a new key, even for a model replaced in place. ``meta.json`` is written
+last, marks a complete cache and records what it was built for; a cache folder passed where the
+cache root belongs is checked against it and refused, naming the difference, when it was built for
+another model or data. Shards are written to a temporary name and renamed, so an interrupted build
+resumes from the last whole shard; each shard's metadata lists the bad samples it skipped
+(``bad_samples.jsonl``).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from diffpo.data.pairs import DataError, PreferencePairs, collate_pairs, flip_de
 from diffpo.dtypes import DTYPES
 
 FORMAT_VERSION = 2
-BUILT_FOR = ("source", "revision", "family", "weights", "resolution", "crop", "flip_views", "dataset", "rows", "dtype",
-             "version")  # what meta.json records and a stale-cache message compares
+BUILT_FOR = ("source", "revision", "family", "weights", "resolution", "crop", "flip_views", "frames", "dataset", "rows",
+             "dtype", "version")  # what meta.json records and a stale-cache message compares
 
 
 def weights_fingerprint(modules, samples: int = 4096) -> str:
@@ -48,7 +50,7 @@ def weights_fingerprint(modules, samples: int = 4096) -> str:
 
 def cache_content(stack, dataset: PreferencePairs, dtype: str) -> dict:
     """Everything the cached tensors depend on."""
-    return {
+    content = {
         "version": FORMAT_VERSION,
         "source": stack.source,
         "revision": stack.revision,
@@ -64,6 +66,9 @@ def cache_content(stack, dataset: PreferencePairs, dtype: str) -> dict:
         "rows": hashlib.sha256(dataset.rows.tobytes()).hexdigest(),
         "dtype": dtype,
     }
+    if dataset.num_frames is not None:  # video clips (image caches keep their keys)
+        content["frames"] = {"num_frames": dataset.num_frames, "stride": dataset.frame_stride}
+    return content
 
 
 def _key(content: dict) -> str:
@@ -76,7 +81,7 @@ def cache_key(stack, dataset: PreferencePairs, dtype: str) -> str:
 
 
 def _built_for(content: dict) -> dict:
-    return {name: content[name] for name in BUILT_FOR}
+    return {name: content[name] for name in BUILT_FOR if name in content}  # "frames": video caches only
 
 
 def check_not_stale(folder: Path, content: dict) -> None:
@@ -87,8 +92,9 @@ def check_not_stale(folder: Path, content: dict) -> None:
     built = meta.get("built_for") or {"version": meta.get("version"), "source": meta.get("source"),
                                       "resolution": meta.get("resolution"), "dtype": meta.get("dtype")}
     wanted = _built_for(content)
-    differing = [name for name in BUILT_FOR if built.get(name) != wanted[name]] or ["model or data configuration"]
-    shown = ", ".join(f"{name} {built.get(name)!r} != {wanted[name]!r}" if name in wanted else name for name in differing)
+    differing = [name for name in BUILT_FOR if built.get(name) != wanted.get(name)] or ["model or data configuration"]
+    shown = ", ".join(f"{name} {built.get(name)!r} != {wanted.get(name)!r}" if name in BUILT_FOR else name
+                      for name in differing)
     raise DataError(f"cache {str(folder)!r} is stale: it was built for another model or data ({shown}); set "
                     f"cache.dir to the cache root (e.g. {str(folder.parent)!r}) so a matching cache is built, or delete it")
 

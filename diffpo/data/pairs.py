@@ -3,7 +3,9 @@
 Every source is read through ``datasets`` (memory-mapped Arrow, so a multi-GB parquet folder is
 not loaded into RAM). A row holds two images, a caption and ``label_0`` (1: image 0 preferred,
 0: image 1 preferred, 0.5: tie). Each item is ordered winner first and augmented with a generator
-seeded by (seed, epoch, index), so a resumed run sees exactly the same pixels.
+seeded by (seed, epoch, index), so a resumed run sees exactly the same pixels. With ``num_frames``
+set the two "images" are videos (GIF/MP4 files, frame folders, encoded bytes or lists of frames;
+``diffpo.data.videos``): every frame gets the same crop and flip, pixels are (F, 3, R, R).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from diffpo.data.images import BadSampleError, caption_text, read_image, resize_and_crop, resized_shape
+from diffpo.data.videos import decode_video
 
 VALID_LABELS = (0.0, 0.5, 1.0)
 
@@ -191,6 +194,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         feedback_column: str | None = None,
         skip_bad_samples: bool = True,
         allow_empty_captions: bool = False,
+        num_frames: int | None = None,
+        frame_stride: int = 1,
     ):
         # winners_only (SePPO): only the preferred image is read; a plain image+caption table
         # (no image_1 / label column) counts as all winners. feedback_column (Diffusion-KTO, unpaired):
@@ -235,6 +240,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.winners_only = winners_only
         self.score_columns = score_columns
         self.skip_bad_samples, self.allow_empty_captions = skip_bad_samples, allow_empty_captions
+        self.num_frames, self.frame_stride = num_frames, frame_stride  # num_frames None: images
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -298,16 +304,24 @@ class PreferencePairs(torch.utils.data.Dataset):
             item["score_w"], item["score_l"] = (score_0, score_1) if label >= 0.5 else (score_1, score_0)
         sides = (("w", first, flips[0]),) if self.winners_only else (("w", first, flips[0]), ("l", second, flips[1]))
         for name, column, flip in sides:
-            decoded = read_image(record[column], self.base_dir, where=f"row {row} column {column}", min_side=self.resolution)
-            image = decoded.image
+            where = f"row {row} column {column}"
+            if self.num_frames is None:
+                decoded = read_image(record[column], self.base_dir, where=where, min_side=self.resolution)
+                frames, original_size = [decoded.image], decoded.original_size
+            else:
+                frames = decode_video(record[column], self.base_dir, where, self.num_frames, self.frame_stride)
+                original_size = frames[0].size
+            image = frames[0]
             crop = None
             if self.crop == "random":
                 h, w = resized_shape(image.size, self.resolution)
                 crop = (int(rng.integers(0, h - self.resolution + 1)), int(rng.integers(0, w - self.resolution + 1)))
             pixels, crop = resize_and_crop(image, self.resolution, crop)
+            if self.num_frames is not None:  # every frame cropped where the first was: (F, 3, R, R)
+                pixels = torch.stack([pixels] + [resize_and_crop(f, self.resolution, crop)[0] for f in frames[1:]])
             if flip:
                 pixels = pixels.flip(-1)
-            width, height = decoded.original_size
+            width, height = original_size
             item[f"pixels_{name}"] = pixels
             item[f"original_size_{name}"] = torch.tensor([height, width])
             item[f"crop_{name}"] = torch.tensor(crop)
@@ -363,4 +377,6 @@ def build_pairs(data_config, resolution: int, seed: int, winners_only: bool = Fa
         feedback_column=data_config.feedback_column,
         skip_bad_samples=data_config.skip_bad_samples,
         allow_empty_captions=data_config.allow_empty_captions,
+        num_frames=data_config.num_frames,
+        frame_stride=data_config.frame_stride,
     )

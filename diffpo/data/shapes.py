@@ -60,11 +60,15 @@ def parse_caption(caption: str) -> ShapeSpec | None:
 
 def draw_shape(spec: ShapeSpec, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw ``spec`` at a random position and scale (between 35% and 65% of the side)."""
-    image = Image.new("RGB", (size, size), COLOURS[spec.background])
-    draw = ImageDraw.Draw(image)
     extent = rng.uniform(0.35, 0.65) * size
     cx, cy = rng.uniform(extent / 2 + 1, size - extent / 2 - 1, size=2)
-    half = extent / 2
+    return draw_shape_at(spec, size, cx, cy, extent / 2)
+
+
+def draw_shape_at(spec: ShapeSpec, size: int, cx: float, cy: float, half: float) -> Image.Image:
+    """``spec`` centred at (cx, cy) with half-extent ``half`` pixels, on its background."""
+    image = Image.new("RGB", (size, size), COLOURS[spec.background])
+    draw = ImageDraw.Draw(image)
     box = [cx - half, cy - half, cx + half, cy + half]
     fill = COLOURS[spec.colour]
     if spec.shape == "circle":

@@ -1,4 +1,4 @@
-"""The diffusers text-to-image generation backend and the model entries it resolves: a base model
+"""The diffusers text-to-image (and text-to-video) generation backend and the model entries it resolves: a base model
 (hub id, local folder or ``tiny``), optionally with a LoRA, a full fine-tuned UNet, or a diffpo run
 dir (``final/`` with a LoRA or ``unet/``, ``final/diffpo.json`` naming ``base_model``)."""
 
@@ -104,10 +104,8 @@ class DiffusersBackend:
         stack = load_stack(resolved.base, entry.revision, entry.variant, dtype=dtype, device=device)
         unet = None
         if resolved.unet is not None:
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel.from_pretrained(resolved.unet, subfolder=resolved.unet_subfolder,
-                                                        torch_dtype=dtype).to(device).eval()
+            unet = stack.family.unet_class.from_pretrained(resolved.unet, subfolder=resolved.unet_subfolder,
+                                                           torch_dtype=dtype).to(device).eval()
         self.pipe = stack.pipeline(unet=unet, scheduler=make_scheduler(sampling.scheduler, stack.noise_scheduler.config))
         if resolved.lora is not None:
             lora = Path(resolved.lora)
@@ -121,12 +119,14 @@ class DiffusersBackend:
         self.sampling = sampling
         self.device = torch.device(device)
         self.resolution = sampling.resolution or stack.native_resolution
-        self.latent_shape = (self.pipe.unet.config.in_channels, self.resolution // stack.vae_scale_factor,
-                             self.resolution // stack.vae_scale_factor)
+        side = self.resolution // stack.vae_scale_factor
+        self.num_frames = sampling.num_frames if stack.is_video else None  # video: (C, F, h, w) noise, (F, 3, H, W) clips
+        self.latent_shape = ((self.pipe.unet.config.in_channels, side, side) if self.num_frames is None else
+                             (self.pipe.unet.config.in_channels, self.num_frames, side, side))
         self.info = {"pipeline": type(self.pipe).__name__, "scheduler": type(self.pipe.scheduler).__name__,
                      "base": resolved.base, "lora": resolved.lora, "unet": resolved.unet,
                      "resolution": self.resolution, "steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
-                     "eta": sampling.eta}
+                     "eta": sampling.eta, **({"num_frames": self.num_frames} if self.num_frames else {})}
 
     def initial_noise(self, seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
         """x_T per seed (CPU draws, equal to ``generate.initial_latents``) and the generators, which
@@ -137,8 +137,9 @@ class DiffusersBackend:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         latents, generators = self.initial_noise(seeds)
+        video = {} if self.num_frames is None else {"num_frames": self.num_frames}
         out = self.pipe(prompt=list(prompts), latents=latents.to(self.device, self.pipe.unet.dtype),
                         height=self.resolution, width=self.resolution, num_inference_steps=self.sampling.steps,
                         guidance_scale=self.sampling.guidance_scale, eta=self.sampling.eta, generator=generators,
-                        output_type="pt")
-        return out.images.float().cpu().clamp(0, 1)
+                        output_type="pt", **video)
+        return (out.images if self.num_frames is None else out.frames).float().cpu().clamp(0, 1)

@@ -26,8 +26,11 @@ class SamplingConfig:
     resolution: int | None = None  # None: the model's native resolution
     images_per_prompt: int = 2
     batch_size: int = 8
+    num_frames: int = 16  # video models: frames per clip (image models ignore it)
 
     def __post_init__(self):
+        if self.num_frames < 1:
+            raise ConfigError(f"sampling.num_frames={self.num_frames} must be >= 1")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"sampling.scheduler={self.scheduler!r} is unknown{_suggest(self.scheduler, SCHEDULERS)}")
         for name in ("steps", "images_per_prompt", "batch_size"):

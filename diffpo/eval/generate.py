@@ -14,8 +14,10 @@ def initial_latents(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 5.0,
              eta: float = 0.0, batch_size: int = 16, latents: torch.Tensor | None = None,
-             eta_seeds: list[int] | None = None, progress: bool = False, desc: str = "generate") -> torch.Tensor:
-    """Images in [0, 1], (N, 3, H, W), for ``prompts[i]`` with initial noise from ``seeds[i]``.
+             eta_seeds: list[int] | None = None, progress: bool = False, desc: str = "generate",
+             num_frames: int | None = None) -> torch.Tensor:
+    """Images in [0, 1], (N, 3, H, W), for ``prompts[i]`` with initial noise from ``seeds[i]``;
+    with ``num_frames`` (a text-to-video pipeline) videos (N, F, 3, H, W) from (C, F, h, w) noise.
 
     With ``eta > 0`` the DDIM step noise is drawn from per-image generators seeded by
     ``eta_seeds`` (default: ``seeds``), so two samples may share x_T and still differ.
@@ -24,7 +26,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: in
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     unet = pipe.unet
     size = unet.config.sample_size
-    shape = (unet.config.in_channels, size, size)
+    shape = (unet.config.in_channels, size, size) if num_frames is None else (unet.config.in_channels, num_frames, size, size)
+    video = {} if num_frames is None else {"num_frames": num_frames}
     if latents is None:
         latents = initial_latents(seeds, shape)
     eta_seeds = eta_seeds or seeds
@@ -35,13 +38,16 @@ def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: in
         generators = [torch.Generator().manual_seed(s) for s in eta_seeds[start:stop]]
         out = pipe(prompt=prompts[start:stop], latents=latents[start:stop].to(device, unet.dtype),
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                   generator=generators, output_type="pt")
-        images.append(out.images.float().cpu())
+                   generator=generators, output_type="pt", **video)
+        images.append((out.images if num_frames is None else out.frames).float().cpu())
     return torch.cat(images).clamp(0, 1)
 
 
 def to_pil(images: torch.Tensor):
+    """(N, 3, H, W) in [0, 1] -> N PIL images; videos (N, F, 3, H, W) -> N lists of F frames."""
     from PIL import Image
 
+    if images.ndim == 5:
+        return [to_pil(video) for video in images]
     arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in arrays]

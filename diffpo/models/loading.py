@@ -10,7 +10,7 @@ import torch
 
 from diffpo.models.families import TextEmbeddings, family_for
 
-BUNDLED = {"tiny": "tiny-sd-shapes"}
+BUNDLED = {"tiny": "tiny-sd-shapes", "tiny-video": "tiny-video-shapes"}
 
 
 def assets_dir() -> Path:
@@ -76,11 +76,31 @@ class DiffusionStack:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (mean + std * eps - shift) * self.vae.config.scaling_factor
 
+    @property
+    def is_video(self) -> bool:
+        return self.family.video
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels in [-1, 1] (N, 3, H, W) -> latent distribution mean and std, fp32."""
+        """Pixels in [-1, 1] (N, 3, H, W) -> latent distribution mean and std, fp32; videos
+        (N, F, 3, H, W) are encoded frame by frame into (N, C, F, h, w) latents."""
+        if pixels.ndim == 5:
+            n, f = pixels.shape[:2]
+            mean, std = self.encode_images(pixels.flatten(0, 1))
+            return (x.view(n, f, *x.shape[1:]).transpose(1, 2).contiguous() for x in (mean, std))
         dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet latents -> pixels in [0, 1] on the CPU: (N, 3, H, W), or (N, F, 3, H, W) from video
+        latents (N, C, F, h, w), decoded frame by frame."""
+        if latents.ndim == 5:
+            n, f = latents.shape[0], latents.shape[2]
+            frames = self.decode_latents(latents.transpose(1, 2).flatten(0, 1))
+            return frames.view(n, f, *frames.shape[1:])
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextEmbeddings:
@@ -88,9 +108,9 @@ class DiffusionStack:
 
     def load_unet(self, dtype=torch.float32):
         """A fresh copy of the base UNet read from the source (for a frozen reference)."""
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel.from_pretrained(self.source, subfolder="unet", revision=self.revision, torch_dtype=dtype)
+        if self.extra.get("motion_adapter"):
+            return with_motion_adapter(self.source, self.extra["motion_adapter"], self.revision, dtype)
+        return self.family.unet_class.from_pretrained(self.source, subfolder="unet", revision=self.revision, torch_dtype=dtype)
 
     def pipeline(self, unet=None, scheduler=None):
         """A diffusers pipeline over these components (optionally another UNet/scheduler)."""
@@ -99,10 +119,8 @@ class DiffusionStack:
         parts = {"unet": unet or self.unet, "vae": self.vae, "scheduler": scheduler or DDIMScheduler.from_config(self.noise_scheduler.config)}
         for (tok_name, enc_name, _), tok, enc in zip(self.family.text_encoder_names, self.tokenizers, self.text_encoders):
             parts[tok_name], parts[enc_name] = tok, enc
-        cls = self.family.pipeline_class
-        if self.family.name == "sd":
-            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        return cls(**parts)
+        parts.update(self.family.pipeline_extras)
+        return self.family.pipeline_class(**parts)
 
 
 def load_stack(
@@ -113,16 +131,27 @@ def load_stack(
     vae: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    motion_adapter: str | None = None,
 ) -> DiffusionStack:
-    """Load the UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler."""
+    """Load the UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler.
+
+    ``motion_adapter`` (AnimateDiff) turns an SD1.x model's UNet into a ``UNetMotionModel`` with
+    that adapter's motion modules; the stack is then of the AnimateDiff family."""
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
 
     source = resolve_source(pretrained)
     index = read_model_index(source, revision)
     family = family_for(index.get("_class_name", ""))
     common = dict(revision=revision, variant=variant)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
+    if motion_adapter:
+        if family.name != "sd":
+            raise ValueError(f"model.motion_adapter adds AnimateDiff motion modules to an SD1.x UNet; {source} is a "
+                             f"{index.get('_class_name')}: drop model.motion_adapter")
+        family = family_for("AnimateDiffPipeline")
+        unet = with_motion_adapter(source, motion_adapter, revision, dtype, variant)
+    else:
+        unet = family.unet_class.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
     vae_model = (
         AutoencoderKL.from_pretrained(resolve_source(vae), torch_dtype=dtype)
         if vae
@@ -150,13 +179,30 @@ def load_stack(
         noise_scheduler=scheduler,
         prediction_type=scheduler.config.prediction_type,
         revision=revision,
+        extra={"motion_adapter": motion_adapter} if motion_adapter else {},
     )
 
 
+def with_motion_adapter(source: str, adapter: str, revision: str | None, dtype: torch.dtype, variant: str | None = None):
+    """An SD1.x UNet from ``source`` with the ``MotionAdapter`` ``adapter`` (hub id or folder): AnimateDiff."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant, torch_dtype=dtype)
+    path = Path(adapter).expanduser()
+    motion = MotionAdapter.from_pretrained(str(path) if path.exists() else adapter, torch_dtype=dtype)
+    return UNetMotionModel.from_unet2d(unet, motion).to(dtype)
+
+
 def unet_denoiser(unet):
-    """The kernel's ``Denoiser`` for a UNet: (x_t, t, conditioning) -> raw prediction."""
+    """The kernel's ``Denoiser`` for a UNet: (x_t, t, conditioning) -> raw prediction. Video UNets
+    take (B, C, F, H, W) latents; those that want their text per frame get it repeated here."""
+    from diffpo.models.families import repeat_text_per_frame, text_per_frame
+
+    per_frame = text_per_frame(unet)
 
     def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        if per_frame:
+            conditioning = repeat_text_per_frame(conditioning, noisy.shape[2])
         return unet(noisy, timesteps, **conditioning, return_dict=False)[0]
 
     return denoise

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def attach_lora(unet, rank: int, alpha: float | None, dropout: float, target_modules: list[str]) -> list:
+LORA_PARTS = ("both", "spatial", "motion")
+
+
+def attach_lora(unet, rank: int, alpha: float | None, dropout: float, target_modules: list[str],
+                part: str = "both", family=None) -> list:
     """Freeze the UNet, add a LoRA adapter (A Gaussian, B = 0, so the policy starts equal to the
-    base model), and return the trainable LoRA parameters."""
+    base model), and return the trainable LoRA parameters.
+
+    ``part`` picks where in a video UNet: ``spatial`` (the image layers), ``motion`` (``family``'s
+    temporal layers) or ``both``. Layers the family's UNet calls with keyword arguments (which peft's
+    LoRA layers do not take) are left out; otherwise, with ``both``, the adapter config holds
+    ``target_modules`` as given."""
     from peft import LoraConfig
 
+    targets = list(target_modules)
+    if part != "both" or (family is not None and family.keyword_called):
+        targets = lora_target_names(unet, targets, part, family)
     unet.requires_grad_(False)
     unet.add_adapter(
         LoraConfig(
@@ -19,13 +32,34 @@ def attach_lora(unet, rank: int, alpha: float | None, dropout: float, target_mod
             lora_alpha=alpha if alpha is not None else rank,
             lora_dropout=dropout,
             init_lora_weights="gaussian",
-            target_modules=list(target_modules),
+            target_modules=targets,
         )
     )
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"lora.target_modules={list(target_modules)} matched no UNet module: use names like to_q, to_k, to_v, to_out.0")
     return params
+
+
+def lora_target_names(unet, target_modules: list[str], part: str, family) -> list[str]:
+    """The full module paths matching ``target_modules`` (a name or a dotted suffix, as peft
+    matches them) inside ``family``'s temporal layers (``motion``), outside them (``spatial``) or
+    anywhere (``both``), less those ``family.keyword_called`` matches."""
+    from diffpo.models.families import is_motion_module
+
+    if part not in LORA_PARTS:
+        raise ValueError(f"lora.part={part!r} is unknown: use one of {', '.join(LORA_PARTS)}")
+    if part != "both" and (family is None or not family.video):
+        raise ValueError(f"lora.part={part} selects spatial or motion layers of a video UNet; this model has no "
+                         "motion modules: set lora.part=both")
+    found = [name for name, _ in unet.named_modules()
+             if any(name == t or name.endswith("." + t) for t in target_modules)
+             and (part == "both" or is_motion_module(family, name) == (part == "motion"))
+             and not (family is not None and family.keyword_called and re.search(family.keyword_called, name))]
+    if not found:
+        raise ValueError(f"lora.target_modules={target_modules} matched no {part} module of this "
+                         f"{family.unet_class_name}: use names like to_q, to_k, to_v, to_out.0")
+    return found
 
 
 def export_lora(unet, pipeline_class, out_dir: str | Path, state_dict: dict | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""Tiny diffusion components, built in code: the bundled model's architecture and test fixtures.
+"""Tiny diffusion components, built in code: the bundled models' architectures and test fixtures.
 
 They are real diffusers/transformers classes with small configs, so every code path that loads,
 trains or exports them is the one used for SD1.5-sized weights.
@@ -113,3 +113,78 @@ def build_tiny_sdxl_components(seed: int = 0, num_merges: int = 2000) -> dict:
                                        steps_offset=1, prediction_type="epsilon")
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                 tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None)
+
+
+def tiny_motion_adapter_config(block_out_channels=(32, 64, 96), max_frames: int = 16) -> dict:
+    """A ``MotionAdapter`` config for a tiny UNet with one layer per block: one temporal
+    transformer per down block and two per up block (the up blocks have layers + 1 resnets), no
+    mid-block motion module (it would add 20% of the weights at the 4x4 level for little motion)."""
+    return dict(
+        block_out_channels=tuple(block_out_channels),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=4,
+        motion_norm_num_groups=32,
+        motion_max_seq_length=max_frames,
+        use_motion_mid_block=False,
+    )
+
+
+def motion_unet_from_image_unet(unet, adapter_config: dict | None = None):
+    """An AnimateDiff ``UNetMotionModel``: ``unet``'s spatial weights plus new motion modules whose
+    output projections start at zero, so that at initialisation every frame is denoised exactly
+    as the image model would denoise it alone (AnimateDiff, Guo et al. 2024, Sec. 4.2)."""
+    import torch
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    config = adapter_config or tiny_motion_adapter_config(unet.config.block_out_channels)
+    motion = UNetMotionModel.from_unet2d(unet, MotionAdapter(**config))
+    with torch.no_grad():
+        for name, module in motion.named_modules():
+            if "motion_modules" in name and name.endswith("proj_out"):
+                module.weight.zero_()
+                module.bias.zero_()
+    return motion
+
+
+def build_tiny_animatediff_components(seed: int = 0, num_merges: int = 2000) -> dict:
+    """Randomly initialised components of a tiny ``AnimateDiffPipeline`` (SD1.x layout + motion
+    modules, saved inside the ``UNetMotionModel``; no separate ``motion_adapter`` folder). The
+    motion modules are random throughout (as a trained adapter's), not the identity."""
+    import torch
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    parts = build_tiny_sd_components(seed=seed, num_merges=num_merges)
+    torch.manual_seed(seed + 1)
+    unet = UNetMotionModel.from_unet2d(parts.pop("unet"), MotionAdapter(**tiny_motion_adapter_config()))
+    for key in ("safety_checker", "image_encoder", "feature_extractor"):
+        parts.pop(key)
+    return dict(parts, unet=unet, motion_adapter=None, feature_extractor=None, image_encoder=None)
+
+
+def tiny_unet3d_config(cross_attention_dim: int = 64, sample_size: int = 16) -> dict:
+    """A ~1.5 M-parameter ``UNet3DConditionModel`` config (ModelScope text-to-video layout)."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def build_tiny_text_to_video_components(seed: int = 0, num_merges: int = 2000) -> dict:
+    """Randomly initialised components of a tiny ``TextToVideoSDPipeline`` (ModelScope / zeroscope)."""
+    import torch
+    from diffusers import UNet3DConditionModel
+
+    parts = build_tiny_sd_components(seed=seed, num_merges=num_merges)
+    torch.manual_seed(seed + 1)
+    parts["unet"] = UNet3DConditionModel(**tiny_unet3d_config())
+    for key in ("safety_checker", "image_encoder", "feature_extractor"):
+        parts.pop(key)
+    return parts

@@ -15,7 +15,7 @@ from diffpo.rewards.base import LearnedHead, RewardHead
 from diffpo.rewards.clip import ClipScore
 from diffpo.rewards.hps import HPSv2, HPSv21
 from diffpo.rewards.pickscore import PickScore
-from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility
+from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility, MotionMatch
 
 REWARDS: dict[str, type[RewardHead]] = {
     "clip": ClipScore,
@@ -27,6 +27,7 @@ REWARDS: dict[str, type[RewardHead]] = {
     "jpeg-incompressibility": JpegIncompressibility,
     "colour-match": ColourMatch,
     "brightness": Brightness,
+    "motion-match": MotionMatch,
 }
 
 

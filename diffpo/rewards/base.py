@@ -38,6 +38,7 @@ class RewardHead:
     name = "reward"
     higher_is_better = True
     differentiable = False
+    scores_videos = False  # True: score_images takes whole (N, F, 3, H, W) videos (motion rewards)
 
     def __init__(self, batch_size: int | None = None, frame_stride: int = 1):
         if batch_size is not None and batch_size < 1:
@@ -60,6 +61,10 @@ class RewardHead:
     def _score(self, images, prompts, score_fn) -> torch.Tensor:
         images = check_images(images, list(prompts))
         prompts = list(prompts)
+        if self.scores_videos:
+            if images.ndim != 5:
+                raise ValueError(f"reward {self.name!r} scores videos (B, F, 3, H, W), got images {tuple(images.shape)}")
+            return self._batched(images[:, :: self.frame_stride], prompts, score_fn)
         if images.ndim == 5:
             frames = images[:, :: self.frame_stride]
             b, f = frames.shape[:2]

@@ -296,15 +296,30 @@ def load_policy(config, accelerator, weight_dtype):
     from diffpo.models.lora import attach_lora
 
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
-                       config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device)
+                       config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device,
+                       motion_adapter=config.model.motion_adapter)
     unet = stack.unet
     if config.finetune == "lora":
-        params = attach_lora(unet, config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules)
+        if not stack.family.supports_lora:
+            raise ConfigError(f"{stack.family.unet_class_name} ({stack.family.pipeline_class_name}) has no peft adapter "
+                              "support in diffusers, so its pipeline cannot load a LoRA: set finetune=full")
+        params = attach_lora(unet, config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules,
+                             config.lora.part, stack.family)
         cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
     else:
         unet.to(dtype=torch.float32).requires_grad_(True)
         params = list(unet.parameters())
     return stack, unet, params
+
+
+def check_frames(data, stack) -> None:
+    """Video models train on clips of ``data.num_frames`` frames, image models on images."""
+    if stack.is_video and data.num_frames is None:
+        raise ConfigError(f"{stack.source} is a video model ({stack.family.pipeline_class_name}): set data.num_frames "
+                          "(frames per training clip, e.g. 16 for AnimateDiff)")
+    if not stack.is_video and data.num_frames is not None:
+        raise ConfigError(f"data.num_frames={data.num_frames} reads video clips, but {stack.source} is an image model "
+                          f"({stack.family.pipeline_class_name}): set data.num_frames=null or use a video model")
 
 
 def reference_dtype(config, weight_dtype):
@@ -361,7 +376,8 @@ def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: i
             save_file({k: v.contiguous() for k, v in gathered.items()}, str(final / "unet" / "diffusion_pytorch_model.safetensors"))
         (final / "diffpo.json").write_text(json.dumps({
             "base_model": stack.source, "finetune": config.finetune, "method": config.method,
-            "steps": global_step, "pipeline_class": stack.family.pipeline_class_name}, indent=2))
+            "steps": global_step, "pipeline_class": stack.family.pipeline_class_name,
+            **({"motion_adapter": stack.extra["motion_adapter"]} if stack.extra.get("motion_adapter") else {})}, indent=2))
 
 
 def run_resetting_accelerate(loop, config):

@@ -34,6 +34,7 @@ from diffpo.trainers.common import (
     CurriculumSampler,
     EpochSampler,
     build_optimization,
+    check_frames,
     export_final,
     load_policy,
     loader_options,
@@ -74,6 +75,7 @@ def _train(config: TrainConfig) -> Path:
     weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
     check_free_space(run_dir, sum(p.numel() for p in params) * 4, config)
+    check_frames(config.data, stack)
     resolution = config.data.resolution or stack.native_resolution
     if resolution % stack.vae_scale_factor:
         factor = stack.vae_scale_factor

@@ -38,6 +38,7 @@ from diffpo.serialization import load_state_file, save_state_file
 from diffpo.trainers.common import (
     EpochSampler,
     build_optimization,
+    check_frames,
     checkpoint_extra,
     export_final,
     load_policy,
@@ -123,6 +124,11 @@ def _train(config: TrainConfig) -> Path:
     weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
     check_free_space(run_dir, sum(p.numel() for p in params) * 4, config)
+    if stack.is_video and config.method != "seppo":
+        raise ConfigError(f"method={config.method} does not train video models yet (SePPO does): use method=seppo, or "
+                          "method=diffusion_dpo / sft on video preference pairs")
+    if not is_d3po:
+        check_frames(config.data, stack)
     # the reference is a past state of the policy (D3PO: base or previous round; SePPO: a pool draw);
     # Diffusion-DRO compares against the base and samples with a lagged past state
     ref_dtype = reference_dtype(config, weight_dtype)
@@ -209,10 +215,8 @@ def _train(config: TrainConfig) -> Path:
                                      conditioning(text), unconditional(x_T.shape[0]), online.guidance_scale,
                                      online.num_inference_steps, online.eta, generator, stack.prediction_type)
 
-    @torch.no_grad()
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        images = stack.vae.decode(latents.to(stack.vae.dtype) / stack.vae.config.scaling_factor).sample
-        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+    def decode(latents: torch.Tensor) -> torch.Tensor:  # images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1]
+        return stack.decode_latents(latents)
 
     def backward(loss: torch.Tensor, sync: bool) -> None:
         with nullcontext() if sync else accelerator.no_sync(unet):
@@ -341,7 +345,8 @@ def _train(config: TrainConfig) -> Path:
         reference.load(pool.entries[drawn], snapshot_id=("pool", drawn))
         x_T = torch.randn(latents_w.shape, generator=generator)
         # the sample goes the winners' way (decoded to 8-bit pixels, encoded again), so that raw
-        # sampled latents vs. VAE-encoded images is not a difference the policy can learn instead
+        # sampled latents vs. VAE-encoded images is not a difference the policy can learn instead;
+        # on a video model x_T has the winners' (C, F, h, w) shape, so the reference samples a video
         pixels_r = (decode(sample(reference, text, x_T, generator).final) * 255).round() / 255 * 2 - 1
         mean_r, std_r = stack.encode_images(pixels_r)
         eps_r = torch.randn(mean_r.shape, generator=generator).to(mean_r.device)
