@@ -171,6 +171,32 @@ def _resume_other_config(c: Ctx) -> list:
     return c.train(f"resume_from={c.tmp / 'first' / 'checkpoints' / 'step-1'}", "lora.rank=4", "max_steps=2")
 
 
+def _clip_manifest(c: Ctx, broken: bool = False) -> Path:
+    """A GIF manifest of 4-frame moving-shape clips; row 3's winner has only 3 frames (``broken``:
+    row 1's loser is no video at all)."""
+    from diffpo.data.moving_shapes import sample_moving_shapes
+    from diffpo.data.videos import encode_gif
+
+    folder = c.tmp / "clips"
+    folder.mkdir()
+    lines = []
+    for row, (frames, caption) in enumerate(sample_moving_shapes(4, size=32, frames=4)):
+        (folder / f"{row}.gif").write_bytes(encode_gif(frames[:3] if row == 3 else frames))
+        loser = "broken.gif" if broken and row == 1 else f"{(row + 1) % 3}.gif"
+        lines.append(json.dumps({"video_0": f"{row}.gif", "video_1": loser, "label_0": 1, "caption": caption}))
+    (folder / "broken.gif").write_bytes(b"GIF89a but nothing after")
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.jsonl"
+
+
+VIDEO_COLUMNS = ("data.num_frames=4", "data.image_0_column=video_0", "data.image_1_column=video_1")
+
+
+def _short_clip(c: Ctx) -> list:
+    """The bundled video model on clips of which one is too short for data.num_frames."""
+    return c.train("data.skip_bad_samples=false", *VIDEO_COLUMNS, data=_clip_manifest(c), model="tiny-video")
+
+
 def _empty_parquet(c: Ctx) -> str:
     return write_rows(c.tmp / "data" / "empty.parquet", [])
 
@@ -263,6 +289,9 @@ ROWS = [
     ("null caption", lambda c: c.strict(data=with_row(c.tmp, caption=None)), ["row 8 column caption: the caption is missing"]),
     ("caption not UTF-8", lambda c: c.strict(data=with_row(c.tmp, caption=b"a red \xff circle")),
      ["row 8 column caption: not valid UTF-8 (byte 0xff at position 6)"]),
+    ("video with too few frames", _short_clip,
+     ["row 3 column video_0: the clip has 3 frames", "data.num_frames=4 are needed", "lower data.num_frames",
+      "set it to true to skip"]),
     # cache, resume, output
     ("stale cache from another model", _stale_cache, ["is stale: it was built for another model or data", "source",
                                                       "set cache.dir to the cache root"]),
@@ -431,6 +460,18 @@ def test_data_check_manifest_lines_columns_empty_and_ties(ctx):
     assert code == 1 and "missing_column" in json.loads((ctx.tmp / "c.json").read_text())["problem_counts"]
     code, _, _ = run_cli("data", "check", _empty_parquet(ctx), "--out", ctx.tmp / "e.json", "--no-progress")
     assert code == 1 and json.loads((ctx.tmp / "e.json").read_text())["problem_counts"] == {"empty": 1}
+
+
+def test_data_check_lists_short_and_unreadable_video_clips(ctx):
+    manifest = _clip_manifest(ctx, broken=True)
+    columns = [o[len("data."):] for o in VIDEO_COLUMNS]
+    code, _, _ = run_cli("data", "check", manifest, *columns, "--out", ctx.tmp / "v.json", "--no-progress")
+    report = json.loads((ctx.tmp / "v.json").read_text())
+    assert code == 1 and report["problem_counts"] == {"too_few_frames": 1, "corrupt_video": 1}
+    assert {(p["kind"], p["row"]) for p in report["problems"]} == {("too_few_frames", 3), ("corrupt_video", 1)}
+    assert report["usable_pairs"] == 2
+    code, _, _ = run_cli("data", "check", manifest, *columns, "num_frames=3", "--out", ctx.tmp / "v3.json", "--no-progress")
+    assert code == 1 and json.loads((ctx.tmp / "v3.json").read_text())["problem_counts"] == {"corrupt_video": 1}
 
 
 def test_data_check_of_a_clean_dataset_exits_zero(ctx):

@@ -3,7 +3,8 @@
 Training stops at the first dataset-level problem and skips (or stops at) bad samples one by one;
 this reads the whole dataset once and lists them all: unreadable files and JSONL lines, missing
 columns, an empty dataset, all pairs ties, labels outside {0, 0.5, 1}, corrupt or truncated or
-oversized images, empty or non-UTF-8 captions, non-numeric scores. Images that training converts
+oversized images, unreadable video clips and clips with fewer than ``data.num_frames`` frames,
+empty or non-UTF-8 captions, non-numeric scores. Images that training converts
 (grayscale, RGBA, CMYK, 16-bit, ...) or decodes at a reduced scale are counted, not reported as
 problems. The report (JSON) holds every problem with its row (and parquet file) or JSONL line.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from diffpo.data.images import BadSampleError, caption_text, read_image
+from diffpo.data.videos import decode_video
 from diffpo.data.pairs import (
     VALID_LABELS,
     DataError,
@@ -252,7 +254,16 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
                 kind = "caption_not_utf8" if "UTF-8" in str(error) else "empty_caption"
                 report.add(kind, str(error), row, where)
                 bad = True
-        if images:
+        if images and data.num_frames is not None:  # video clips: every frame readable, enough of them
+            for column in image_columns:
+                try:
+                    decode_video(record.get(column), base_dir, f"{where} column {column}", data.num_frames,
+                                 data.frame_stride)
+                except BadSampleError as error:
+                    kind = "too_few_frames" if "data.num_frames=" in str(error) else "corrupt_video"
+                    report.add(kind, str(error), row, where)
+                    bad = True
+        elif images:
             for column in image_columns:
                 try:
                     decoded = read_image(record.get(column), base_dir, where=f"{where} column {column}",
