@@ -254,7 +254,7 @@ def test_latent_cache_holds_video_latents_equal_to_encoding_the_clips(tmp_path, 
                                                                        video_pairs_parquet):
     from diffpo.config import DataConfig
     from diffpo.data.cache import CachedPairs, build_cache, cache_key
-    from diffpo.data.pairs import build_pairs
+    from diffpo.data.pairs import DataError, build_pairs
     from diffpo.models.loading import load_stack
 
     stack = load_stack(tiny_animatediff_dir)
@@ -266,6 +266,11 @@ def test_latent_cache_holds_video_latents_equal_to_encoding_the_clips(tmp_path, 
     assert torch.allclose(cached["mean_w"], mean[0], atol=1e-6) and torch.allclose(cached["std_w"], std[0], atol=1e-6)
     fewer = build_pairs(DataConfig(source=video_pairs_parquet, num_frames=FRAMES - 1, max_pairs=3), 32, seed=0)
     assert cache_key(stack, fewer, "fp32") != cache_key(stack, pairs, "fp32")
+    # the complete folder given as cache.dir for other clips is refused, naming the frame settings
+    assert json.loads((folder / "meta.json").read_text())["built_for"]["frames"] == {"num_frames": FRAMES, "stride": 1}
+    with pytest.raises(DataError, match=rf"is stale.*frames \{{'num_frames': {FRAMES}, 'stride': 1\}} != "
+                                         rf"\{{'num_frames': {FRAMES - 1}, 'stride': 1\}}"):
+        build_cache(stack, fewer, folder, progress=False)
 
 
 # ---- trainers ----------------------------------------------------------------------------------------
