@@ -25,6 +25,7 @@ from diffpo.data.pairs import (
     VALID_LABELS,
     DataError,
     detect_format,
+    jsonl_lines,
     load_table,
     parquet_files,
     parquet_rows,
@@ -87,26 +88,12 @@ class CheckReport:
 
 def _rows_of_jsonl(path: str, report: CheckReport):
     """(row, line number, record) of the good lines of a manifest; bad lines become problems."""
-    rows, row = [], 0
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as error:
-                report.add("unreadable", f"line {number}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column "
-                           f"{error.start + 1})", where=f"line {number}")
-                continue
-            except ValueError as error:
-                report.add("unreadable", f"line {number}: not valid JSON ({error})", where=f"line {number}")
-                continue
-            if not isinstance(record, dict):
-                report.add("unreadable", f"line {number}: a JSON {type(record).__name__}, not an object",
-                           where=f"line {number}")
-                continue
-            rows.append((row, f"line {number}", record))
-            row += 1
+    rows = []
+    for number, record, problem in jsonl_lines(path):
+        if problem is not None:
+            report.add("unreadable", f"line {number}: {problem}", where=f"line {number}")
+        else:
+            rows.append((len(rows), f"line {number}", record))
     return rows
 
 

@@ -74,11 +74,11 @@ def parquet_rows(path: str) -> int:
         raise DataError(f"{path}: not a readable parquet file ({_root_cause(error)}): re-export or remove it") from None
 
 
-def jsonl_problems(path: str, limit: int | None = None) -> list[tuple[int, str]]:
-    """(line number, problem) for lines of a JSONL manifest that are not UTF-8 JSON objects."""
+def jsonl_lines(path: str):
+    """(line number, record, problem) for every non-blank line of a JSONL manifest: the record when
+    the line is a UTF-8 JSON object (problem None), else None and what is wrong with the line."""
     import json
 
-    problems = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -86,12 +86,22 @@ def jsonl_problems(path: str, limit: int | None = None) -> list[tuple[int, str]]
             try:
                 record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as error:
-                problems.append((number, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"))
+                yield number, None, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
             except ValueError as error:
-                problems.append((number, f"not valid JSON ({error})"))
+                yield number, None, f"not valid JSON ({error})"
             else:
-                if not isinstance(record, dict):
-                    problems.append((number, f"a JSON {type(record).__name__}, not an object of column values"))
+                if isinstance(record, dict):
+                    yield number, record, None
+                else:
+                    yield number, None, f"a JSON {type(record).__name__}, not an object of column values"
+
+
+def jsonl_problems(path: str, limit: int | None = None) -> list[tuple[int, str]]:
+    """(line number, problem) for lines of a JSONL manifest that are not UTF-8 JSON objects."""
+    problems = []
+    for number, _, problem in jsonl_lines(path):
+        if problem is not None:
+            problems.append((number, problem))
             if limit is not None and len(problems) >= limit:
                 break
     return problems
