@@ -67,20 +67,11 @@ def bench_prompt(args, folder: Path) -> dict:
 
 
 def bench_label(args, folder: Path) -> dict:
-    from PIL import Image
-
-    from diffpo.data.rounds import LABELS, round_dir, write_manifest
+    from diffpo.data.rounds import LABELS
+    from diffpo.loadtest import write_synthetic_round
 
     run_dir = folder / "run"
-    round_folder = round_dir(run_dir, 0)
-    (round_folder / "images").mkdir(parents=True)
-    images = []
-    for group in range(20):
-        names = [f"images/g{group:04d}-s{sample}.png" for sample in range(3)]
-        for sample, name in enumerate(names):
-            Image.new("RGB", (64, 64), (12 * group, 80 * sample, 100)).save(round_folder / name)
-        images.append(names)
-    manifest = write_manifest(round_folder, 0, [f"prompt {g}" for g in range(20)], 3, images)
+    manifest = write_synthetic_round(run_dir, size=64)
     pairs, choices = manifest.pairs, ("a", "b", "tie")
     posted, lock = Counter(), Lock()
     files = {(g, s): manifest.image_path(g, s).read_bytes() for g in range(20) for s in range(3)}

@@ -25,6 +25,24 @@ RequestMaker = Callable[[int, int], tuple]
 AnswerCheck = Callable[[int, int, int, bytes], Optional[str]]
 
 
+def write_synthetic_round(run_dir: Path, groups: int = 20, samples: int = 3, size: int = 16):
+    """A labelling round of ``groups`` prompts x ``samples`` flat-colour PNGs in ``run_dir``, for
+    loading the labelling page; returns its manifest."""
+    from PIL import Image
+
+    from diffpo.data.rounds import round_dir, write_manifest
+
+    folder = round_dir(run_dir, 0)
+    (folder / "images").mkdir(parents=True)
+    images = []
+    for group in range(groups):
+        names = [f"images/g{group:04d}-s{sample}.png" for sample in range(samples)]
+        for sample, name in enumerate(names):
+            Image.new("RGB", (size, size), (12 * group % 256, 80 * sample % 256, 100)).save(folder / name)
+        images.append(names)
+    return write_manifest(folder, 0, [f"prompt {g}" for g in range(groups)], samples_per_prompt=samples, images=images)
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile with linear interpolation between order statistics (numpy's default)."""
     if not values:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -66,3 +67,21 @@ def tiny_sdxl_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sdxl")
     StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed=0)).save_pretrained(path)
     return str(path)
+
+
+@contextmanager
+def label_server_thread(run_dir, round_index=None, **options):
+    """The labelling page's server for ``run_dir`` on a free port, served from a thread."""
+    import threading
+
+    from diffpo.labeling.server import make_server
+
+    server = make_server(run_dir, round_index, port=0, **options)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

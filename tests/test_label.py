@@ -12,12 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
+from conftest import label_server_thread
 
 from diffpo.data.rounds import LABELS, read_labels, round_dir, write_manifest
 from diffpo.labeling.server import choose_round, make_server
@@ -49,22 +48,9 @@ def run_dir(tmp_path):
     return tmp_path
 
 
-@contextmanager
-def running(run_dir, round_index=None):
-    server = make_server(run_dir, round_index, port=0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 @pytest.fixture
 def server(run_dir):
-    with running(run_dir) as server:
+    with label_server_thread(run_dir) as server:
         yield server
 
 
@@ -174,10 +160,10 @@ def test_only_manifest_images_are_served(server, path):
 
 
 def test_a_restarted_server_skips_the_labelled_pairs(run_dir):
-    with running(run_dir) as server:
+    with label_server_thread(run_dir) as server:
         label(server, FIRST_PAIRS[0], "a")
         label(server, FIRST_PAIRS[1], "b")
-    with running(run_dir) as server:
+    with label_server_thread(run_dir) as server:
         data = get_json(server, "/api/next")
     assert (data["group"], data["a"], data["b"], data["labelled"]) == (0, 1, 2, 2)
 
@@ -356,10 +342,7 @@ def test_with_an_api_key_the_printed_url_opens_the_page_and_a_click_is_saved(dri
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server = make_server(run_dir, port=0, api_key="a key/with+odd chars")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with label_server_thread(run_dir, api_key="a key/with+odd chars") as server:
         driver.get(server.url)  # without the key: refused
         assert "requires an API key" in driver.find_element(By.TAG_NAME, "body").text
         driver.get(server.login_url)  # the key once; the page, its images and its posts then use the cookie
@@ -368,9 +351,5 @@ def test_with_an_api_key_the_printed_url_opens_the_page_and_a_click_is_saved(dri
         assert driver.current_url == server.url  # the key is gone from the address bar
         driver.find_element(By.ID, "choose-a").click()
         wait.until(lambda d: d.find_element(By.ID, "progress").text == "1 of 6 pairs labelled")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
     [line] = label_lines(run_dir)
     assert (line["group"], line["a"], line["b"], line["choice"]) == (0, 0, 1, "a")

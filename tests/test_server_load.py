@@ -63,19 +63,9 @@ def test_prompt_api_answers_50_concurrent_clients_correctly(tmp_path):
 @pytest.fixture
 def big_round(tmp_path):
     """A round of 20 groups x 3 samples (60 pairs) with small PNGs."""
-    from PIL import Image
+    from diffpo.loadtest import write_synthetic_round
 
-    from diffpo.data.rounds import round_dir, write_manifest
-
-    folder = round_dir(tmp_path / "run", 0)
-    (folder / "images").mkdir(parents=True)
-    images = []
-    for group in range(20):
-        names = [f"images/g{group:04d}-s{sample}.png" for sample in range(3)]
-        for sample, name in enumerate(names):
-            Image.new("RGB", (16, 16), (12 * group, 80 * sample, 100)).save(folder / name)
-        images.append(names)
-    return write_manifest(folder, 0, [f"prompt {g}" for g in range(20)], samples_per_prompt=3, images=images)
+    return write_synthetic_round(tmp_path / "run")
 
 
 def test_labelling_page_answers_50_concurrent_clients_and_keeps_every_label(tmp_path, big_round):

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
+from conftest import label_server_thread
 
 from diffpo.loadtest import ServerProcess
 from diffpo.serving import (InFlight, RateLimiter, exposure_warning, host_header_allowed, is_loopback, key_matches,
@@ -279,21 +280,6 @@ def make_round(run_dir, names):
     return write_manifest(folder, 0, ["a prompt"], samples_per_prompt=len(names), images=[names])
 
 
-@contextmanager
-def label_server(run_dir, **options):
-    from diffpo.labeling.server import make_server
-
-    server = make_server(run_dir, port=0, **options)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 @pytest.fixture
 def small_run(tmp_path):
     run_dir = tmp_path / "run"
@@ -304,7 +290,7 @@ def small_run(tmp_path):
 def test_label_server_binds_loopback_by_default(small_run):
     from diffpo.cli import build_parser
 
-    with label_server(small_run) as server:
+    with label_server_thread(small_run) as server:
         assert server.server_address[0] == "127.0.0.1"
     assert build_parser().parse_args(["label", "run"]).host == "127.0.0.1"
     assert build_parser().parse_args(["prompt", "serve", "tiny"]).host == "127.0.0.1"
@@ -330,7 +316,7 @@ def test_label_images_outside_the_run_dir_are_refused(tmp_path, names, sample, s
         (manifest.folder / "images" / "link-out.png").symlink_to(outside)
     if "images/link-in.png" in names:
         (manifest.folder / "images" / "link-in.png").symlink_to(manifest.folder / "images" / "s0.png")
-    with label_server(run_dir) as server:
+    with label_server_thread(run_dir) as server:
         got, _, body = call(server.server_address[1], "GET", f"/image/0/{sample}")
     assert got == status, body
     assert body != outside.read_bytes()
@@ -346,7 +332,7 @@ def test_label_images_outside_the_run_dir_are_refused(tmp_path, names, sample, s
     "/image/../../etc/passwd", "/rounds/round-0000/round.json", "/image/0/1/", "/images/s0.png",
 ])
 def test_label_request_paths_never_reach_files(small_run, path):
-    with label_server(small_run) as server:
+    with label_server_thread(small_run) as server:
         connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
         connection.putrequest("GET", path, skip_accept_encoding=True)  # byte for byte, no normalising
         connection.endheaders()
@@ -357,7 +343,7 @@ def test_label_request_paths_never_reach_files(small_run, path):
 def test_label_api_key_with_the_url_then_a_cookie(small_run):
     from diffpo.data.rounds import LABELS
 
-    with label_server(small_run, api_key=KEY) as server:
+    with label_server_thread(small_run, api_key=KEY) as server:
         port = server.server_address[1]
         assert server.login_url == f"http://127.0.0.1:{port}/?key=correct%20horse%20battery%20staple"
         for method, path, body in (("GET", "/", None), ("GET", "/api/next", None), ("GET", "/image/0/0", None),
@@ -385,10 +371,10 @@ def test_label_body_limit_is_413_and_writes_nothing(small_run):
     from diffpo.data.rounds import LABELS
 
     label = {"group": 0, "a": 0, "b": 1, "choice": "a"}
-    with label_server(small_run) as server:  # default 4096 bytes
+    with label_server_thread(small_run) as server:  # default 4096 bytes
         status, _, answer = call(server.server_address[1], "POST", "/api/label", dict(label, pad="x" * 5000))
         assert status == 413 and "limit is 4096 bytes" in answer["error"]
-    with label_server(small_run, max_body_bytes=100) as server:
+    with label_server_thread(small_run, max_body_bytes=100) as server:
         status, _, answer = call(server.server_address[1], "POST", "/api/label", dict(label, pad="x" * 100))
         assert status == 413 and "limit is 100 bytes" in answer["error"]
         assert not (server.session.manifest.folder / LABELS).exists()
@@ -396,7 +382,7 @@ def test_label_body_limit_is_413_and_writes_nothing(small_run):
 
 
 def test_label_rate_limit_per_client_and_host_check(small_run):
-    with label_server(small_run, rate_limit=60, rate_burst=2) as server:
+    with label_server_thread(small_run, rate_limit=60, rate_burst=2) as server:
         port = server.server_address[1]
         assert [call(port, "GET", "/api/next")[0] for _ in range(2)] == [200, 200]
         status, headers, answer = call(port, "GET", "/api/next")
