@@ -443,10 +443,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
+def find_config(path: str | Path) -> Path:
+    """``path`` as given when it is a file; otherwise the shipped config of that name
+    (``configs/diffusion_dpo/sd15.yaml`` or ``diffusion_dpo/sd15.yaml``), so that the README's
+    commands work for an installed wheel from any folder."""
     path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    from diffpo.resources import configs_dir
+
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = configs_dir().joinpath(*parts) if parts else None
+    return shipped if shipped is not None and shipped.is_file() else path
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = find_config(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file (see configs/)")
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file (shipped ones: diffpo/configs/, "
+                          "e.g. configs/diffusion_dpo/tiny.yaml)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:

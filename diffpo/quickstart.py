@@ -77,10 +77,9 @@ WINNERS_ONLY = ("seppo", "dro")  # methods that train on preferred images alone 
 def default_config_path(method: str | None = None, model: str | None = None) -> Path:
     """The shipped quickstart YAML of ``model`` (video) or else of ``method`` (the online methods
     have their own tuned presets)."""
-    from diffpo.models.loading import assets_dir
+    from diffpo.resources import shipped_config
 
-    name = MODEL_PRESETS.get(model) or QUICKSTART_PRESETS.get(method, "quickstart.yaml")
-    return assets_dir().parent / "configs" / name
+    return shipped_config(MODEL_PRESETS.get(model) or QUICKSTART_PRESETS.get(method, "quickstart.yaml"))
 
 
 def _world(video: bool):

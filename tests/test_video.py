@@ -432,7 +432,8 @@ def test_diffpo_eval_generates_scores_and_reports_clips_of_a_video_model(tmp_pat
 def test_bundled_video_model_loads_with_its_pipeline_and_is_small():
     from diffusers import AnimateDiffPipeline
 
-    from diffpo.models.loading import assets_dir, load_stack
+    from diffpo.models.loading import load_stack
+    from diffpo.resources import assets_dir
 
     folder = assets_dir() / "tiny-video-shapes"
     weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))

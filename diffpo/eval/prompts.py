@@ -24,7 +24,7 @@ class PromptRecord:
 
 
 def bundled_prompts_dir() -> Path:
-    from diffpo.models.loading import assets_dir
+    from diffpo.resources import assets_dir
 
     return assets_dir() / "prompts"
 

@@ -33,7 +33,7 @@ class ReportOptions:
 
 
 def template_path() -> Path:
-    from diffpo.models.loading import assets_dir
+    from diffpo.resources import assets_dir
 
     return assets_dir() / "report" / "template.html"
 

@@ -9,12 +9,9 @@ from pathlib import Path
 import torch
 
 from diffpo.models.families import TextEmbeddings, family_for
+from diffpo.resources import assets_dir
 
 BUNDLED = {"tiny": "tiny-sd-shapes", "tiny-video": "tiny-video-shapes"}
-
-
-def assets_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "assets"
 
 
 def resolve_source(pretrained: str) -> str:
@@ -22,7 +19,7 @@ def resolve_source(pretrained: str) -> str:
     if pretrained in BUNDLED:
         path = assets_dir() / BUNDLED[pretrained]
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"the bundled model {pretrained!r} is missing at {path}: reinstall diffpo from a full checkout")
+            raise FileNotFoundError(f"the bundled model {pretrained!r} is missing at {path}: reinstall diffpo (pip install --force-reinstall diffpo)")
         return str(path)
     path = Path(pretrained).expanduser()
     if path.exists():

@@ -65,19 +65,35 @@ def lora_target_names(unet, target_modules: list[str], part: str, family) -> lis
 def export_lora(unet, pipeline_class, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Write the UNet's LoRA as ``pytorch_lora_weights.safetensors`` (diffusers format, with the
     adapter config as metadata so alpha survives loading). ``state_dict``: the UNet's full state
-    when its own parameters are shards (FSDP, ZeRO-3), gathered by ``accelerator.get_state_dict``."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    when its own parameters are shards (FSDP, ZeRO-3), gathered by ``accelerator.get_state_dict``.
+
+    The keys stay in peft's one naming (``...to_q.lora_A.weight``): diffusers' old-format
+    conversion renames only the attention processors' layers (``...to_q.lora.down.weight``), and a
+    file that mixes the two namings is read with one of them, silently dropping the other's
+    modules. ``load_lora_weights`` reads peft naming as it is, every module."""
     from peft.utils import get_peft_model_state_dict
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
+    state = get_peft_model_state_dict(unet, state_dict=state_dict)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config["default"].to_dict()
     pipeline_class.save_lora_weights(
         out_dir, unet_lora_layers=state, weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata
     )
     return out_dir / LORA_WEIGHT_NAME
+
+
+def lora_module_names(state: dict) -> set[str]:
+    """The adapted modules of a LoRA state dict in either naming (``x.lora_A.weight`` or
+    ``x.lora.down.weight``), by module path: the count to check after a round trip."""
+    names = set()
+    for key in state:
+        for marker in (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_linear_layer."):
+            if marker in key:
+                names.add(key.split(marker)[0])
+                break
+    return names
 
 
 LORA_CHECKPOINT_NAME = "lora_adapter.safetensors"
