@@ -85,3 +85,15 @@ def label_server_thread(run_dir, round_index=None, **options):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_animatediff_dir(tmp_path_factory):
+    """A randomly initialised tiny AnimateDiffPipeline (UNetMotionModel) in the diffusers folder format."""
+    from diffusers import AnimateDiffPipeline
+
+    from diffpo.models.tiny import build_tiny_animatediff_components
+
+    path = tmp_path_factory.mktemp("tiny-animatediff")
+    AnimateDiffPipeline(**build_tiny_animatediff_components(seed=0)).save_pretrained(path)
+    return str(path)

@@ -15,18 +15,6 @@ FRAMES = 3
 
 
 @pytest.fixture(scope="module")
-def tiny_animatediff_dir(tmp_path_factory):
-    """A randomly initialised tiny AnimateDiffPipeline (UNetMotionModel) in the diffusers folder format."""
-    from diffusers import AnimateDiffPipeline
-
-    from diffpo.models.tiny import build_tiny_animatediff_components
-
-    path = tmp_path_factory.mktemp("tiny-animatediff")
-    AnimateDiffPipeline(**build_tiny_animatediff_components(seed=0)).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_t2v_dir(tmp_path_factory):
     """A randomly initialised tiny TextToVideoSDPipeline (UNet3DConditionModel)."""
     from diffusers import TextToVideoSDPipeline
