@@ -107,7 +107,10 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     from diffpo.rewards import load as load_reward
     from diffpo.trainers import run_training
 
+    from diffpo.config import absolute_paths
+
     started = time.time()
+    config = absolute_paths(config)  # its config.yaml reruns from any folder
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
