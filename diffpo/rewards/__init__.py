@@ -15,6 +15,7 @@ from diffpo.rewards.base import LearnedHead, RewardHead
 from diffpo.rewards.clip import ClipScore
 from diffpo.rewards.hps import HPSv2, HPSv21
 from diffpo.rewards.pickscore import PickScore
+from diffpo.rewards.remote import RemoteReward
 from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility, MotionMatch
 
 REWARDS: dict[str, type[RewardHead]] = {
@@ -28,6 +29,7 @@ REWARDS: dict[str, type[RewardHead]] = {
     "colour-match": ColourMatch,
     "brightness": Brightness,
     "motion-match": MotionMatch,
+    "remote": RemoteReward,
 }
 
 
