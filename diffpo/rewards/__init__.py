@@ -14,6 +14,7 @@ from diffpo.rewards.aesthetic import Aesthetic
 from diffpo.rewards.base import LearnedHead, RewardHead
 from diffpo.rewards.clip import ClipScore
 from diffpo.rewards.hps import HPSv2, HPSv21
+from diffpo.rewards.imagereward import ImageReward
 from diffpo.rewards.pickscore import PickScore
 from diffpo.rewards.remote import RemoteReward
 from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility, MotionMatch
@@ -24,6 +25,7 @@ REWARDS: dict[str, type[RewardHead]] = {
     "hps-v2.1": HPSv21,
     "pickscore": PickScore,
     "aesthetic": Aesthetic,
+    "imagereward": ImageReward,
     "jpeg-compressibility": JpegCompressibility,
     "jpeg-incompressibility": JpegIncompressibility,
     "colour-match": ColourMatch,
