@@ -14,6 +14,7 @@ from diffpo.rewards.aesthetic import Aesthetic
 from diffpo.rewards.base import LearnedHead, RewardHead
 from diffpo.rewards.clip import ClipScore
 from diffpo.rewards.hps import HPSv2, HPSv21
+from diffpo.rewards.hps_v3 import HPSv3
 from diffpo.rewards.imagereward import ImageReward
 from diffpo.rewards.pickscore import PickScore
 from diffpo.rewards.remote import RemoteReward
@@ -23,6 +24,7 @@ REWARDS: dict[str, type[RewardHead]] = {
     "clip": ClipScore,
     "hps-v2": HPSv2,
     "hps-v2.1": HPSv21,
+    "hps-v3": HPSv3,
     "pickscore": PickScore,
     "aesthetic": Aesthetic,
     "imagereward": ImageReward,
