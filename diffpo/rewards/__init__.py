@@ -18,6 +18,7 @@ from diffpo.rewards.hps_v3 import HPSv3
 from diffpo.rewards.imagereward import ImageReward
 from diffpo.rewards.pickscore import PickScore
 from diffpo.rewards.remote import RemoteReward
+from diffpo.rewards.video_reward import VideoReward
 from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility, MotionMatch
 
 REWARDS: dict[str, type[RewardHead]] = {
@@ -34,6 +35,7 @@ REWARDS: dict[str, type[RewardHead]] = {
     "brightness": Brightness,
     "motion-match": MotionMatch,
     "remote": RemoteReward,
+    "video-reward": VideoReward,
 }
 
 

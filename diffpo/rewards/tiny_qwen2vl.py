@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+MIN_PIXELS = 4 * 28 * 28
 SPECIAL_TOKENS = ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen2-VL-7B/2B-Instruct's chat template (chat_template.json of the hub repos)
 CHAT_TEMPLATE = (
@@ -56,8 +57,9 @@ def save_tiny_processor(folder: str | Path, max_pixels: int = 64 * 28 * 28) -> P
     tokenizer = Qwen2TokenizerFast(tokenizer_object=backend)
     tokenizer.add_special_tokens({"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
                                   "additional_special_tokens": SPECIAL_TOKENS})
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(max_pixels=max_pixels),
-                                 video_processor=Qwen2VLVideoProcessor(max_pixels=max_pixels),
+    # min_pixels 4 x 28 x 28 (Qwen2-VL's image default; the video default is 128 x 28 x 28) so tiny frames stay tiny
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=max_pixels),
+                                 video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=max_pixels),
                                  tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(folder)
     return Path(folder)
@@ -114,4 +116,55 @@ def save_tiny_hps_v3(folder: str | Path, seed: int = 0) -> Path:
             "3.weight": torch.randn(16, 1024, generator=g) / 32, "3.bias": torch.randn(16, generator=g) * 0.1,
             "5.weight": torch.randn(2, 16, generator=g) / 4, "5.bias": torch.randn(2, generator=g) * 0.1}
     save_file({k: v.contiguous() for k, v in official_state_dict(config, head, seed).items()}, folder / "HPSv3.safetensors")
+    return folder
+
+
+def save_tiny_video_reward(folder: str | Path, lora: bool = True, seed: int = 0) -> Path:
+    """A VideoReward release folder in the layout of KwaiVGI/VideoReward: ``model_config.json`` and
+    ``checkpoint-10/`` with ``adapter_model.safetensors`` (peft's LoRA names, r=4, alpha=8, on the
+    language model's q/v projections) + ``non_lora_state_dict.pth`` (rm_head, the resized embeddings,
+    the vision merger) over the base model in ``folder``/base (``lora=True``), or one ``model.pth``
+    with every weight (``lora=False``). Also ``folder``/processor, and ``folder``/config.json."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    (folder / "checkpoint-10").mkdir(parents=True, exist_ok=True)
+    processor = save_tiny_processor(folder / "processor")
+    config = tiny_config(processor, extra_tokens=3)
+    config.save_pretrained(folder)
+    g = torch.Generator().manual_seed(seed + 2)
+    hidden = config.text_config.hidden_size
+    state = official_state_dict(config, {"weight": torch.randn(3, hidden, generator=g) / hidden ** 0.5}, seed)
+    inference = {"VQ_mean": 0.3, "VQ_std": 1.5, "MQ_mean": -0.2, "MQ_std": 0.8, "TA_mean": 0.1, "TA_std": 2.0}
+    settings = {"data_config": {"max_frame_pixels": MIN_PIXELS, "num_frames": None, "fps": 2.0, "sample_type": "uniform",
+                                "eval_dim": ["VQ", "MQ", "TA"], "prompt_template_type": "detailed_special",
+                                "meta_data": "unused.csv", "data_dir": "unused"},
+                "model_config": {"model_name_or_path": str(folder / "base"), "output_dim": 3, "use_special_tokens": True,
+                                 "reward_token": "special", "torch_dtype": "bfloat16"},
+                "peft_lora_config": {"lora_enable": lora, "lora_r": 4, "lora_alpha": 8, "use_rslora": False},
+                "inference_config": inference}
+    (folder / "model_config.json").write_text(json.dumps(settings, indent=2))
+    if not lora:
+        torch.save(state, folder / "checkpoint-10" / "model.pth")
+        return folder
+    # the base model before training: no reward tokens yet, Qwen2-VL's padded vocabulary (5 spare rows)
+    base = {k: v for k, v in state.items() if not k.startswith("rm_head.")}
+    embed = state["model.embed_tokens.weight"]
+    base["model.embed_tokens.weight"] = torch.cat([embed[:-3], torch.randn(5, hidden, generator=g)])
+    base["lm_head.weight"] = torch.randn(embed.shape[0] + 2, hidden, generator=g) * 0.02
+    trained = {"rm_head.weight", "model.embed_tokens.weight"} | {k for k in state if k.startswith("visual.merger.")}
+    for key in trained - {"rm_head.weight", "model.embed_tokens.weight"}:
+        base[key] = state[key] + 0.1 * torch.randn(state[key].shape, generator=g)  # the merger moved in training
+    (folder / "base").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in base.items()}, folder / "base" / "model.safetensors")
+    config.save_pretrained(folder / "base")
+    torch.save({f"base_model.model.{k}": state[k] for k in trained}, folder / "checkpoint-10" / "non_lora_state_dict.pth")
+    adapter = {}
+    for layer in range(config.text_config.num_hidden_layers):
+        for proj in ("q_proj", "v_proj"):
+            weight = state[f"model.layers.{layer}.self_attn.{proj}.weight"]
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            adapter[f"{prefix}.lora_A.weight"] = torch.randn(4, weight.shape[1], generator=g) * 0.1
+            adapter[f"{prefix}.lora_B.weight"] = torch.randn(weight.shape[0], 4, generator=g) * 0.1
+    save_file(adapter, folder / "checkpoint-10" / "adapter_model.safetensors")
     return folder
