@@ -113,14 +113,25 @@ def reward_logits(backbone: nn.Module, head: nn.Module, batch: dict, token_ids: 
         features = torch.cat(getter(batch[pixels], batch[grid]).pooler_output).to(embeds.dtype)
         mask = (input_ids == token).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(mask, features)
-    hidden = backbone.language_model(inputs_embeds=embeds, attention_mask=batch.get("attention_mask")).last_hidden_state
-    logits = head(hidden.float())
     selected = torch.isin(input_ids, torch.tensor(token_ids, device=input_ids.device))
     counts = selected.sum(dim=1)
     if not bool((counts == len(token_ids)).all()):
         raise ValueError(f"each prompt must hold the reward token(s) once each; found {counts.tolist()} of "
                          f"{len(token_ids)}: a prompt was truncated or contains a reward token itself")
-    return logits[selected].view(input_ids.shape[0], len(token_ids), -1)
+    mask = batch.get("attention_mask")
+    if mask is not None and right_padded(mask):
+        # causal attention never lets a token see the pads after it, so with right padding the mask
+        # changes no hidden state that is read; without it SDPA takes its fused causal kernel
+        # (2.4x faster on a padded CPU batch, benchmarks/bench_vlm_reward.py)
+        mask = None
+    hidden = backbone.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    # the head only where it is read: on every position it cost a third of a tiny model's forward
+    return head(hidden[selected].float()).view(input_ids.shape[0], len(token_ids), -1)
+
+
+def right_padded(mask: torch.Tensor) -> bool:
+    """True when every row of the attention mask is ones then zeros (padding only at the end)."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def add_special_tokens(processor, tokens: list[str]) -> list[int]:
