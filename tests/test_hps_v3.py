@@ -122,3 +122,24 @@ def test_hps_v3_errors(folder, tmp_path):
     head = load("hps-v3", **kwargs(folder))
     with pytest.raises(ValueError, match="not differentiable"):
         head.score_differentiable(smooth_images(1), ["x"])
+
+
+def test_checkpoint_names_of_every_transformers_and_peft_layout_map_to_one_naming():
+    from diffpo.rewards.qwen2vl_reward import canonical_key, right_padded
+
+    cases = {
+        "model.layers.0.mlp.up_proj.weight": "language_model.layers.0.mlp.up_proj.weight",  # transformers 4.4x
+        "model.language_model.layers.0.mlp.up_proj.weight": "language_model.layers.0.mlp.up_proj.weight",  # 5.x
+        "visual.blocks.0.attn.qkv.weight": "visual.blocks.0.attn.qkv.weight",
+        "model.visual.merger.ln_q.bias": "visual.merger.ln_q.bias",
+        "base_model.model.model.embed_tokens.weight": "language_model.embed_tokens.weight",  # peft
+        "base_model.model.rm_head.modules_to_save.default.weight": "rm_head.weight",
+        "base_model.model.rm_head.original_module.weight": None,
+        "lm_head.weight": None,
+        "rm_head.0.bias": "rm_head.0.bias",
+    }
+    for key, expected in cases.items():
+        assert canonical_key(key) == expected, key
+    with pytest.raises(ValueError, match="unexpected key 'text_projection.weight'"):
+        canonical_key("text_projection.weight")
+    assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0]])) and not right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))

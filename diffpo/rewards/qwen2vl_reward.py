@@ -23,26 +23,35 @@ from diffpo.rewards.weights import looks_like_hub_id
 IMAGE_FACTOR = 28  # Qwen2-VL: 14-px patches merged 2 x 2
 
 
+def canonical_key(key: str) -> str | None:
+    """One released name in ``Qwen2VLModel``'s naming (transformers 5), ``rm_head.*`` kept, None for
+    what a reward model never uses (``lm_head``, peft's frozen ``original_module`` copies).
+    Accepted: transformers 4.4x (``model.layers.*``, ``visual.*``), transformers 5
+    (``model.language_model.*``, ``model.visual.*``), under peft's ``base_model.model.`` prefix or
+    its ``modules_to_save.default`` wrapper."""
+    key = key.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+    if ".original_module." in key or key.startswith("lm_head."):
+        return None
+    if key.startswith(("model.language_model.", "model.visual.")):
+        return key.removeprefix("model.")
+    if key.startswith("model."):
+        return "language_model." + key.removeprefix("model.")
+    if key.startswith(("visual.", "language_model.", "rm_head.")):
+        return key
+    raise ValueError(f"not a Qwen2-VL reward checkpoint: unexpected key {key!r}")
+
+
 def split_checkpoint(state: dict) -> tuple[dict, dict]:
-    """(backbone, rm_head) state dicts with ``Qwen2VLModel``'s names (transformers 5) from a
-    released checkpoint. Accepted names: transformers 4.4x (``model.layers.*``, ``visual.*``),
-    transformers 5 (``model.language_model.*``, ``model.visual.*``) and either under peft's
-    ``base_model.model.`` prefix. ``lm_head.*`` is dropped: a reward model never decodes."""
+    """(backbone, rm_head) state dicts of a released checkpoint, names by ``canonical_key``."""
     backbone, head = {}, {}
     for key, value in state.items():
-        key = key.removeprefix("base_model.model.")
-        if key.startswith("rm_head."):
-            head[key.removeprefix("rm_head.")] = value
-        elif key.startswith("lm_head."):
+        name = canonical_key(key)
+        if name is None:
             continue
-        elif key.startswith(("model.language_model.", "model.visual.")):
-            backbone[key.removeprefix("model.")] = value
-        elif key.startswith("model."):
-            backbone["language_model." + key.removeprefix("model.")] = value
-        elif key.startswith(("visual.", "language_model.")):
-            backbone[key] = value
+        if name.startswith("rm_head."):
+            head[name.removeprefix("rm_head.")] = value
         else:
-            raise ValueError(f"not a Qwen2-VL reward checkpoint: unexpected key {key!r}")
+            backbone[name] = value
     if not head:
         raise ValueError("not a Qwen2-VL reward checkpoint: it has no rm_head.* weights")
     return backbone, head

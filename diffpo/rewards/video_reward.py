@@ -22,8 +22,8 @@ from torch import nn
 
 from diffpo.resources import package_path
 from diffpo.rewards.base import LearnedHead
-from diffpo.rewards.qwen2vl_reward import (add_special_tokens, build_backbone, load_config, reward_logits,
-                                           smart_resize, split_checkpoint)
+from diffpo.rewards.qwen2vl_reward import (add_special_tokens, build_backbone, canonical_key, load_config,
+                                           reward_logits, smart_resize, split_checkpoint)
 from diffpo.rewards.weights import load_state_dict, looks_like_hub_id
 
 VIDEOREWARD_REPO = "KwaiVGI/VideoReward"
@@ -68,13 +68,15 @@ def _step(folder: str) -> int:
 
 
 def merge_lora(base: dict, adapter: dict, scale: float) -> dict:
-    """``base`` (full names after peft's ``base_model.model.``) with every LoRA pair merged in."""
+    """``base`` (canonical names, see ``canonical_key``) with every LoRA pair of peft's
+    ``adapter_model.safetensors`` merged in: W + scale · B · A, computed in fp32."""
     merged = dict(base)
     for key, a in adapter.items():
         if ".lora_A." not in key:
             continue
-        target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight").replace(".lora_A.default.weight", ".weight")
         b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        module = key.split(".lora_A.")[0]
+        target = canonical_key(module + ".weight")
         if target not in merged:
             raise ValueError(f"LoRA weight {key} targets {target}, which the base model does not have")
         weight = merged[target]
@@ -129,11 +131,15 @@ def load_release(folder: str, base_path: str | None, step: int | None = None) ->
             except Exception as error:
                 raise FileNotFoundError(f"base model {base_source} is not in the hub cache and not downloadable "
                                         f"({error.__class__.__name__}): pass base_path= a local copy") from None
-        base = read_safetensors_folder(base_source)
-        base.update({k.removeprefix("base_model.model."): v for k, v in load_state_dict(non_lora_file).items()})
+        base = canonical_state(read_safetensors_folder(base_source))
+        base.update(canonical_state(load_state_dict(non_lora_file)))
         state = merge_lora(base, load_file(adapter_file), scale)
     backbone, head = split_checkpoint(state)
     return settings, backbone, head
+
+
+def canonical_state(state: dict) -> dict:
+    return {name: value for key, value in state.items() if (name := canonical_key(key)) is not None}
 
 
 class VideoReward(LearnedHead):
