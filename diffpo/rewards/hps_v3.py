@@ -13,8 +13,8 @@ from torch import nn
 
 from diffpo.rewards import preprocess
 from diffpo.rewards.base import LearnedHead
-from diffpo.rewards.qwen2vl_reward import (add_special_tokens, build_backbone, load_config, reward_logits,
-                                           smart_resize, split_checkpoint)
+from diffpo.rewards.qwen2vl_reward import (add_special_tokens, build_backbone, load_config, patchify,
+                                           reward_logits, smart_resize, split_checkpoint)
 from diffpo.rewards.weights import load_state_dict, resolve_checkpoint
 
 HPSV3_REPO = "MizzenAI/HPSv3"
@@ -76,7 +76,7 @@ class HPSv3Head(nn.Module):
 class HPSv3(LearnedHead):
     """HPSv3's predicted preference μ per image (``output="mu"``, what the paper and its inference
     code report); ``output="sigma"`` gives the head's second output, the predicted uncertainty, as
-    emitted. Not differentiable here (the official path resizes PIL images).
+    emitted.
 
     ``path``: ``HPSv3.safetensors`` (a file, a folder holding it or a hub repo; default
     MizzenAI/HPSv3). ``arch``: the Qwen2-VL config (default Qwen/Qwen2-VL-7B-Instruct; a folder,
@@ -87,12 +87,14 @@ class HPSv3(LearnedHead):
 
     Preprocessing (the release's): 8-bit PIL image resized with PIL bicubic to the 28-divisible size
     of ``pixels`` pixels nearest its aspect ratio, the chat template with the released instruction
-    and rating request, right padding, the processor's rescale/normalise/patchify. Use
-    ``dtype="bf16"`` on a GPU (the release's dtype); the head itself always runs in fp32.
+    and rating request, right padding, the processor's rescale/normalise/patchify. Differentiable
+    path: the same prompt tokens, the resize in torch (antialiased bicubic, no 8-bit rounding), the
+    processor's mean/std and patch layout (``qwen2vl_reward.patchify``); on images already at the
+    target size the two paths agree to float precision. Use ``dtype="bf16"`` on a GPU (the
+    release's dtype); the head itself always runs in fp32.
     """
 
     name = "hps-v3"
-    differentiable = False
 
     def __init__(self, path: str | None = None, arch: str | None = None, processor_path: str | None = None,
                  output: str = "mu", pixels: int = PIXELS, **common):
@@ -134,9 +136,18 @@ class HPSv3(LearnedHead):
         batch = self.processor(text=texts, images=pil, padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
-    def score_images(self, images, prompts):
-        batch = self.inputs(images, prompts)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+    def _from_batch(self, batch: dict) -> torch.Tensor:
+        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         logits = reward_logits(self.backbone, self.head, batch, self.token_ids)[:, 0]  # (B, 2): mu, sigma
         return logits[:, 0 if self.output == "mu" else 1]
+
+    def score_images(self, images, prompts):
+        return self._from_batch(self.inputs(images, prompts))
+
+    def score_images_differentiable(self, images, prompts):
+        batch = self.inputs(images.detach(), prompts)  # token ids and grids: they do not depend on pixel values
+        processor = self.processor.image_processor
+        pixels = preprocess.resize(images.to(self.device), *smart_resize(*images.shape[-2:], self.pixels, self.pixels))
+        pixels = preprocess.normalize(pixels, processor.image_mean, processor.image_std)
+        batch["pixel_values"] = patchify(pixels, processor.patch_size, processor.merge_size, processor.temporal_patch_size)
+        return self._from_batch(batch)

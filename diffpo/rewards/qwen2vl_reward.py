@@ -108,6 +108,18 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
     return h, w
 
 
+def patchify(pixels: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2) -> torch.Tensor:
+    """Normalised (N, C, H, W) images -> Qwen2-VL's flat patches (N·gh·gw, C·temporal·patch²), in the
+    image processor's order: merge windows row by row, 2 x 2 patches inside each, every patch as
+    channels x (the image repeated ``temporal`` times) x rows x columns. Pure torch: gradients flow."""
+    n, c, h, w = pixels.shape
+    gh, gw = h // patch, w // patch
+    x = pixels.reshape(n, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # n, window row, window col, row in window, col in window, c, py, px
+    x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, temporal, -1, -1)
+    return x.reshape(n * gh * gw, c * temporal * patch * patch)
+
+
 def reward_logits(backbone: nn.Module, head: nn.Module, batch: dict, token_ids: list[int]) -> torch.Tensor:
     """(B, len(token_ids), head outputs): ``head`` on the fp32 last hidden state at each special
     token, in prompt order. Images/videos are embedded by the vision tower and scattered into

@@ -114,7 +114,8 @@ def save_tiny_hps_v3(folder: str | Path, seed: int = 0) -> Path:
     hidden = config.text_config.hidden_size
     head = {"0.weight": torch.randn(1024, hidden, generator=g) / hidden ** 0.5, "0.bias": torch.randn(1024, generator=g) * 0.1,
             "3.weight": torch.randn(16, 1024, generator=g) / 32, "3.bias": torch.randn(16, generator=g) * 0.1,
-            "5.weight": torch.randn(2, 16, generator=g) / 4, "5.bias": torch.randn(2, generator=g) * 0.1}
+            "5.weight": torch.randn(2, 16, generator=g) * 5, "5.bias": torch.randn(2, generator=g) * 0.1}
+    # the last layer is large so that images and prompts move the tiny model's scores by far more than float error
     save_file({k: v.contiguous() for k, v in official_state_dict(config, head, seed).items()}, folder / "HPSv3.safetensors")
     return folder
 
