@@ -63,3 +63,21 @@ def test_eval_and_online_configs_accept_the_new_heads(checkpoint):  # noqa: F811
         RewardConfig(name=name)  # known names
     with pytest.raises(ConfigError, match="did you mean 'hps-v3'"):
         RewardConfig(name="hps-v3.0")
+
+
+def test_vlm_reward_benchmark_runs_and_writes_its_figures(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "vlm.json"
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_vlm_reward.py"), "--images", "2",
+                             "--batch-size", "2", "--pixels", str(4 * 28 * 28), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["speedup"] == pytest.approx(report["one_per_call_s"] / report["batched_s"])
+    assert report["max_abs_score_difference"] < 1e-3 and report["machine"]["cpu_cores"] >= 1
