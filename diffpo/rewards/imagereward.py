@@ -163,8 +163,13 @@ class ImageReward(LearnedHead):
             with open(arch) as handle:
                 med_config = json.load(handle)
         vision_config, text_config = configs_from_state(parts, med_config)
-        self.vision = BlipVisionModel(vision_config)
-        self.text = BlipTextModel(text_config, add_pooling_layer=False)
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers 4.x
+            from transformers.modeling_utils import no_init_weights
+        with no_init_weights():  # every weight comes from the checkpoint (checked below)
+            self.vision = BlipVisionModel(vision_config)
+            self.text = BlipTextModel(text_config, add_pooling_layer=False)
         self.mlp = AestheticMLP(text_config.hidden_size)  # the same 5 linears (keys layers.0/2/4/6/7)
         for module, part in ((self.vision, "vision"), (self.text, "text"), (self.mlp, "mlp")):
             result = module.load_state_dict(parts[part], strict=False)

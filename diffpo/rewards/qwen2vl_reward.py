@@ -82,13 +82,19 @@ def build_backbone(config, state: dict, device: torch.device, dtype: torch.dtype
         raise ValueError(f"{file} has no language_model embed_tokens: not a Qwen2-VL reward checkpoint")
     config.text_config.vocab_size = config.vocab_size = embed.shape[0]
     config._attn_implementation = "sdpa"
-    model = Qwen2VLModel._from_config(config, dtype=dtype)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    # every weight comes from the checkpoint: skip the random init (a minute for 7 B parameters on
+    # a CPU) and allocate on the target device in the target dtype (one copy of the model there)
+    with no_init_weights(), torch.device(device):
+        model = Qwen2VLModel._from_config(config, dtype=dtype)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         kind, keys = ("missing", result.missing_keys) if result.missing_keys else ("unexpected", result.unexpected_keys)
         raise ValueError(f"{file} does not match the Qwen2-VL config given by arch=: {kind} {keys[:3]}")
-    model = model.to(device=device, dtype=dtype).eval()
-    model.requires_grad_(False)
+    model.eval().requires_grad_(False)
     return model
 
 
