@@ -70,13 +70,14 @@ class RemoteReward(RewardHead):
       first group, or whole match, is the number) is the score.
     - ``mode="yes-no"``: one generated token with ``top_logprobs``; the score is
       P(yes) / (P(yes) + P(no)), summing the probability of every top token that reads ``yes`` /
-      ``no`` once stripped and lower-cased (the VQAScore-style judge used for GenAI-Bench).
+      ``no`` once stripped and lower-cased (VQAScore's yes-probability, Lin et al. 2024, arXiv 2404.01291).
 
     JSON protocol, one request per batch: ``POST url`` with ``{"prompts": [...], "images": [base64
     PNG, ...]}``, answered by ``{"scores": [...]}`` of the same length.
 
-    ``batch_size`` images per JSON request (chat sends one request per image), at most ``concurrency`` requests in flight, ``timeout`` seconds
-    per request, ``retries`` extra tries per request with ``backoff`` · 2^k seconds between them.
+    ``batch_size`` images per JSON request (chat sends one request per image and leaves batching to
+    the server), at most ``concurrency`` requests in flight, ``timeout`` seconds per request,
+    ``retries`` extra tries per request with ``backoff`` · 2^k seconds between them.
     The API key is read from the environment variable named by ``api_key_env`` (sent as a Bearer
     token) and never from a config file.
     """
