@@ -149,6 +149,18 @@ def test_smpo_loss_is_flat_when_both_errors_rise_together():
     assert torch.equal(e_w.grad, -e_l.grad)
     # sign: p > 1/2 pushes e_w down (positive gradient) and e_l up; p < 1/2 the reverse
     assert (e_w.grad[:2] > 0).all() and e_w.grad[2] < 0
+    # At initialisation (policy = reference) swapping every label (p -> 1 - p) negates the gradient
+    # exactly: the first update of a swapped run is the reverse of the unswapped one, so damage seen in
+    # both label directions has to build up over training (curvature, the moving inversion target).
+    grads = []
+    for labels in (p, 1 - p):
+        w, l = ref_w.clone().requires_grad_(True), ref_l.clone().requires_grad_(True)
+        loss, _ = smpo_loss(w, l, ref_w, ref_l, labels, beta=1.0, gamma=10.0)
+        torch.testing.assert_close(loss, torch.full((3,), math.log(2)))
+        loss.sum().backward()
+        grads.append((w.grad, l.grad))
+    assert torch.equal(grads[0][0], -grads[1][0]) and torch.equal(grads[0][1], -grads[1][1])
+    assert torch.equal(grads[0][0], 2.5 * (2 * p - 1))  # 1/2 * beta * gamma * (2p - 1) * sigmoid(0)
 
 
 # ---- SmPO on the bundled tiny model: the inversion, the target, the whole micro-step -------------
@@ -461,3 +473,28 @@ def test_dro_online_sampler_official_steps_every_sample_with_the_first_samples_n
         print(f"\nDRO sampler, offsets {offsets}: max |official - diffpo| per sample {gaps.tolist()}")
         for b, equal in enumerate(same):
             assert (gaps[b] < 1e-4) == equal
+
+
+def test_dro_negatives_sampled_with_guidance_push_the_conditional_prediction_towards_the_unconditional():
+    """Diagnosis of the colour-match drop (docs/methods.md): the buffer stores the lagged copy's
+    *guided* prediction eps_u + g (eps_c - eps_u) as the negative's target, while the policy is trained
+    on its conditional prediction eps_c. At initialisation (policy = reference = lagged) the negative
+    term's gradient step on the policy's prediction is then 2 (g - 1) / d * (eps_u - eps_c): straight
+    towards the unconditional prediction, i.e. away from the caption. With the official g = 1 the
+    negative target is eps_c itself and that term has no first-order gradient."""
+    g = torch.Generator().manual_seed(4)
+    eps_c, eps_u = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    d = eps_c[0].numel()
+    expert = torch.full((2,), 0.1)  # equal policy and reference errors on the experts: d_exp = 0
+    for guidance in (1.0, 5.0):
+        # guidance 1: no classifier-free guidance, the stored prediction is the conditional one
+        target = eps_c.clone() if guidance == 1.0 else eps_u + guidance * (eps_c - eps_u)
+        prediction = eps_c.clone().requires_grad_(True)
+        loss, metrics = dro_loss(expert, expert, per_sample_error(prediction, target), per_sample_error(eps_c, target))
+        assert metrics["active"].item() == 1.0  # diff = 0: the hinge is at m, active
+        loss.sum().backward()
+        step = -prediction.grad
+        if guidance == 1.0:
+            assert torch.equal(step, torch.zeros_like(step))
+        else:
+            torch.testing.assert_close(step, 2 * (guidance - 1) / d * (eps_u - eps_c))
