@@ -498,3 +498,86 @@ def test_dro_negatives_sampled_with_guidance_push_the_conditional_prediction_tow
             assert torch.equal(step, torch.zeros_like(step))
         else:
             torch.testing.assert_close(step, 2 * (guidance - 1) / d * (eps_u - eps_c))
+
+
+# ---- a probe of the SmPO gradient direction (slow: about 100 s on 2 CPU cores) -------------------
+
+
+@pytest.mark.slow
+def test_smpo_gradient_direction_at_initialisation_against_diffusion_dpo(tiny_models):
+    """Which inversion target carries the preference signal? 12 captions x 4 deterministic samples of
+    the bundled model (DDIM 20 steps, guidance 5, as the quickstart), best-vs-worst pairs by JPEG
+    compressibility, soft labels on [-1.5, -1.0]. At initialisation (policy = reference) the loss
+    gradient over the whole UNet, summed over 6 draws of per-pair timesteps, for Diffusion-DPO (fresh
+    noise, beta 2000) and SmPO (beta 2000, gamma 10) with x~ from diffpo's ``per_sample`` and
+    ``shared`` grids and from the official code under diffusers 0.20.0. Compared by the share of
+    parameters whose gradient signs agree (2 * agree - 1: what Adam's first steps follow) and by
+    cosine. Measured: Diffusion-DPO against itself on independent draws sign 0.55, cos 0.85; SmPO
+    ``per_sample`` against Diffusion-DPO sign 0.05, cos 0.03; ``shared`` sign 0.35, cos 0.39;
+    official (0.20.0) sign 0.15, cos 0.17."""
+    from diffusers import DDIMScheduler
+
+    import diffpo.rewards as rewards
+    from diffpo.data.shapes import sample_shapes
+    from diffpo.kernel.inversion import sample_from
+    from diffpo.models.loading import unet_denoiser
+
+    stack, unet = tiny_models["stack"], copy.deepcopy(tiny_models["reference"])
+    unet.requires_grad_(True)
+    denoise = unet_denoiser(unet)
+    ddim = DDIMScheduler.from_config(stack.noise_scheduler.config)
+    captions = [caption for _, caption in sample_shapes(12, size=stack.native_resolution, seed=11)]
+    per_caption = 4
+    repeated = [c for c in captions for _ in range(per_caption)]
+    cond = stack.family.unet_conditioning(stack.encode_prompts(repeated))
+    uncond = stack.family.unet_conditioning(stack.encode_prompts([""] * len(repeated)))
+    x_T = torch.randn(len(repeated), 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = sample_from(denoise, ddim, x_T, cond, uncond, guidance=5.0, num_inference_steps=20)[-1]
+        images = (stack.vae.decode(x0 / stack.vae.config.scaling_factor).sample.clamp(-1, 1) + 1) / 2
+    reward = rewards.load("jpeg-compressibility")(images, repeated).view(len(captions), per_caption)
+    x0 = x0.view(len(captions), per_caption, *x0.shape[1:])
+    rows = torch.arange(len(captions))
+    best, worst = reward.argmax(1), reward.argmin(1)
+    latents = torch.cat([x0[rows, best], x0[rows, worst]])
+    p = soft_labels(reward[rows, best], reward[rows, worst], -1.5, -1.0)
+    conditioning = stack.family.unet_conditioning(stack.encode_prompts(captions).repeat_pairs())
+    n, alphas = len(captions), stack.noise_scheduler.alphas_cumprod
+    params = list(unet.parameters())
+    v020 = InverseSchedulerV020(stack.noise_scheduler.config, alphas, 5)
+
+    def gradient(noisy, t2, target, scale):
+        errors_w, errors_l = per_sample_error(denoise(noisy, t2, conditioning), target).chunk(2)
+        # at initialisation every logit is 0: the loss gradient is scale / 2 * (grad e_w - grad e_l)
+        grads = torch.autograd.grad((scale * 0.5 * (errors_w - errors_l)).mean(), params, allow_unused=True)
+        return torch.cat([(torch.zeros_like(q) if g is None else g).flatten() for q, g in zip(params, grads)])
+
+    def smpo(noisy, t2):
+        return gradient(noisy, t2, inversion_target(noisy, latents, alphas[t2]), 0.5 * BETA_SD15 * 10 * (2 * p - 1))
+
+    totals = {}
+    for draw in range(6):
+        g = torch.Generator().manual_seed(100 + draw)
+        t = torch.randint(0, 1000, (n,), generator=g)
+        t2 = t.repeat(2)
+        noise = torch.randn(n, 4, 16, 16, generator=g).repeat(2, 1, 1, 1)
+        with torch.no_grad():
+            x_per_sample = invert_to_timesteps(denoise, ddim, latents, conditioning, t2, 5, grid="per_sample")
+            x_shared = invert_to_timesteps(denoise, ddim, latents, conditioning, t2, 5, grid="shared")
+            hidden = conditioning["encoder_hidden_states"]
+            pairs = [official_inversion(unet, v020, latents[[i, n + i]], hidden[[i, n + i]], int(t[i])) for i in range(n)]
+            x_official = torch.cat([torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])])
+        draws = {"dpo": gradient(stack.noise_scheduler.add_noise(latents, noise, t2), t2, noise, 0.5 * BETA_SD15),
+                 "per_sample": smpo(x_per_sample, t2), "shared": smpo(x_shared, t2), "official_0.20": smpo(x_official, t2)}
+        # a second Diffusion-DPO gradient on other noise and timesteps: the agreement to expect
+        t_other = torch.randint(0, 1000, (n,), generator=g).repeat(2)
+        other = torch.randn(n, 4, 16, 16, generator=g).repeat(2, 1, 1, 1)
+        draws["dpo_other"] = gradient(stack.noise_scheduler.add_noise(latents, other, t_other), t_other, other, 0.5 * BETA_SD15)
+        totals = {k: totals.get(k, 0) + v for k, v in draws.items()}
+    sign = {k: float((totals[k].sign() * totals["dpo"].sign())[(totals[k] != 0) & (totals["dpo"] != 0)].mean())
+            for k in totals}
+    cos = {k: float(F.cosine_similarity(totals[k], totals["dpo"], dim=0)) for k in totals}
+    print(f"\nagainst Diffusion-DPO: sign {sign}\n  cosine {cos}")
+    assert cos["dpo_other"] > 0.8
+    assert sign["shared"] > sign["official_0.20"] > sign["per_sample"] + 0.05
+    assert abs(cos["per_sample"]) < 0.1
