@@ -15,18 +15,23 @@ Mapping of conventions:
 * Diffusion-DRO ``--margin`` = diffpo ``objective.margin``; no beta.
 
 Measured here (``pytest -s`` prints them):
-* SmPO loss from per-sample errors and PickScores: max |official - diffpo| = 0.0 over 6 pairs.
+* SmPO soft labels: bit-identical; SmPO loss from per-sample errors: max |official - diffpo| = 0.0
+  in float64, 1.8e-7 in float32 (the official code multiplies by 10 after rounding -1/2 beta (2p - 1)).
 * SmPO on the bundled tiny model, whole micro-step (ReNoise inversion by the policy, target tau,
   policy and reference errors, loss) with diffusers' current DDIMInverseScheduler: diffpo's
-  ``inversion_grid="shared"`` gives the same x~ to 1e-5 and the same loss to 2e-4 relative (fp32).
+  ``inversion_grid="shared"`` gives the same x~ to 2e-5 and the same loss to 4e-5 relative (fp32).
 * With the DDIMInverseScheduler of diffusers 0.20.0 (the version the official code pins) the
-  official x~ lands on the first inversion point at or above t (the model called at the point
-  below, and at t = -199 on the first step), not below t as ``shared`` or on t as ``per_sample``:
-  a real difference in the inversion target, shown below.
-* Diffusion-DRO loss, whole micro-step on the tiny model: max |official - diffpo| = 0.0.
+  official x~ lands on the first inversion point at or above t, each step's predictions made at
+  the point it starts from (t = -199 for the step off x_0), not below t as ``shared`` or on t as
+  ``per_sample``: a real difference in the inversion target, and another loss.
+* Diffusion-DRO loss, from errors and as a whole micro-step on the tiny model: difference 0.0.
 * Diffusion-DRO online sampler: the official per-sample DPM-Solver steps every sample with the
   first sample's noise levels (its grid's sigmas) while the UNet is told the sample's own jittered
   timestep; diffpo steps each sample on its own grid. Equal for sample 0 and for unjittered grids.
+* Diagnoses: the SmPO loss is flat when both errors rise together and its first gradient is exactly
+  reversed by swapping labels; DRO negatives stored with guidance g push the policy's conditional
+  prediction towards the unconditional one by 2 (g - 1) / d; and (slow) the SmPO gradient direction
+  at initialisation against Diffusion-DPO's for each inversion target.
 """
 
 from __future__ import annotations
