@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from diffpo.ranges import check_range
+
 
 class ConfigError(ValueError):
     """A configuration problem; its message names the key and what to do."""
@@ -412,6 +414,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+        problem = check_range(cls, key, f"{prefix}{key}", kwargs[key])  # diffpo.ranges.RANGES
+        if problem:
+            raise ConfigError(problem)
     try:
         return cls(**kwargs)
     except ConfigError:
