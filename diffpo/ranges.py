@@ -5,7 +5,9 @@ inherits its bases' ranges and may restate them. A range is written as
 
 * ``">= 1"``, ``"> 0"``, ``"<= 1"``, ``"< 1"``: one bound;
 * ``"[0, 1)"``, ``"(0, 1]"``, ``"[0.5, 1)"``: an interval, brackets closed, parentheses open;
-* ``"any"``: any finite number.
+* ``"any"``: any finite number;
+
+optionally followed by ``; why`` (what the bound means, or what null does), added to the message.
 
 Every number must also be finite (NaN and inf are refused) and an ``int`` field must hold an
 integer (``from_dict`` checks the type first). ``None`` is allowed exactly where the field's type
@@ -31,23 +33,23 @@ RANGES: dict[str, dict[str, str]] = {
     # diffpo.config: training
     "LoraConfig": {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)"},
     "EmaConfig": {"decay": "(0, 1)"},
-    "DataConfig": {"max_pairs": ">= 1", "resolution": ">= 8", "prompt_dropout": "[0, 1]", "num_workers": "[0, 1024]",
-                   "curriculum_stages": ">= 0", "num_frames": ">= 1", "frame_stride": ">= 1"},
+    "DataConfig": {"max_pairs": ">= 1; null uses every pair", "resolution": ">= 8; null uses the model's native resolution", "prompt_dropout": "[0, 1]", "num_workers": "[0, 1024]",
+                   "curriculum_stages": ">= 0; 0 turns the curriculum off", "num_frames": ">= 1; null for image data", "frame_stride": ">= 1"},
     "CacheConfig": {"shard_size": ">= 1"},
-    "ObjectiveConfig": {"beta": "> 0", "epsilon": "[0, 0.5)", "madpo_scale": "> 0", "madpo_weight_min": ">= 0",
-                        "madpo_weight_max": ">= 0", "gamma_margin": ">= 0", "clip_range": "(0, 1)", "gamma": "> 0",
+    "ObjectiveConfig": {"beta": "> 0", "epsilon": "[0, 0.5); it is the assumed label-flip rate",
+                        "madpo_scale": "> 0; it is the reward margin unit", "madpo_weight_min": ">= 0; weights are never negative",
+                        "madpo_weight_max": ">= 0; weights are never negative", "gamma_margin": ">= 0", "clip_range": "(0, 1)", "gamma": "> 0",
                         "score_low": "any", "score_high": "any", "inversion_steps": ">= 1", "margin": ">= 0"},
-    "OnlineConfig": {"max_prompts": ">= 1", "prompts_per_round": ">= 1", "samples_per_prompt": ">= 2",
+    "OnlineConfig": {"max_prompts": ">= 1", "prompts_per_round": ">= 1", "samples_per_prompt": ">= 2; to form pairs",
                      "inner_epochs": ">= 1", "timestep_fraction": "(0, 1]", "num_inference_steps": ">= 1",
                      "eta": "[0, 1]", "guidance_scale": ">= 0", "min_margin": ">= 0", "pool_every": ">= 1",
                      "replay_size": ">= 1", "replay_batch_size": ">= 1", "replay_every": ">= 1",
                      "lagged_sync_every": ">= 1"},
-    # lr above 1 is no step size any of the optimizers takes: it is a typo (1e30 for 1e-3)
-    "OptimConfig": {"lr": "[0, 1]", "weight_decay": "[0, 1]", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
-                    "adam_epsilon": "> 0", "max_grad_norm": "> 0", "warmup_steps": ">= 0"},
+    "OptimConfig": {"lr": "[0, 1]; a larger step size is a typo (1e3 for 1e-3?)", "weight_decay": "[0, 1]", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
+                    "adam_epsilon": "> 0", "max_grad_norm": "> 0; null turns clipping off", "warmup_steps": ">= 0"},
     "TrainConfig": {"seed": SEED, "max_steps": ">= 1", "train_batch_size": ">= 1", "gradient_accumulation_steps": ">= 1",
-                    "log_every": ">= 1", "checkpoint_every": ">= 0", "checkpoints_total_limit": ">= 1",
-                    "max_nonfinite_skips": ">= 1"},
+                    "log_every": ">= 1", "checkpoint_every": ">= 0; 0 saves only at the end",
+                    "checkpoints_total_limit": ">= 1; null keeps every checkpoint", "max_nonfinite_skips": ">= 1"},
     # diffpo.eval.config
     "SamplingConfig": {"steps": ">= 1", "guidance_scale": ">= 0", "eta": "[0, 1]", "resolution": ">= 8",
                        "images_per_prompt": "[1, 1000]", "batch_size": ">= 1", "num_frames": ">= 1"},
@@ -80,6 +82,7 @@ class Range:
     """A set of finite numbers between two optional bounds, each open or closed."""
 
     text: str
+    why: str = ""
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -97,8 +100,10 @@ class Range:
     def requirement(self) -> str:
         """What a value must be, for messages: ``must be >= 1``, ``must lie in [0, 1)``."""
         if self.text == "any":
-            return "must be a finite number"
-        return f"must lie in {self.text}" if self.text[0] in "[(" else f"must be {self.text}"
+            text = "must be a finite number"
+        else:
+            text = f"must lie in {self.text}" if self.text[0] in "[(" else f"must be {self.text}"
+        return f"{text}: {self.why}" if self.why else text
 
 
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
@@ -106,19 +111,20 @@ _BOUND = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
 
 
 def parse_range(text: str) -> Range:
-    text = text.strip()
+    text, _, why = (part.strip() for part in text.partition(";"))
     if text == "any":
-        return Range(text)
+        return Range(text, why)
     match = _INTERVAL.match(text)
     if match:
         left, low, high, right = match.groups()
-        return Range(text, float(low), float(high), left == "(", right == ")")
+        return Range(text, why, float(low), float(high), left == "(", right == ")")
     match = _BOUND.match(text)
     if match:
         op, bound = match.groups()
         value = float(bound)
-        return Range(text, low=value, low_open=op == ">") if op.startswith(">") else Range(text, high=value,
-                                                                                           high_open=op == "<")
+        if op.startswith(">"):
+            return Range(text, why, low=value, low_open=op == ">")
+        return Range(text, why, high=value, high_open=op == "<")
     raise ValueError(f"not a range: {text!r} (use '>= 1', '> 0', '[0, 1)' or 'any')")
 
 
@@ -139,7 +145,7 @@ def range_error(key: str, value, allowed: Range) -> str | None:
         return None
     if not math.isfinite(value):
         text = "" if allowed.text == "any" else f" ({allowed.text})"
-        return f"{key}={value} must be a finite number{text}"
+        return f"{key}={value} must be a finite number{text}" + (f": {allowed.why}" if allowed.why else "")
     return f"{key}={value!r} {allowed.requirement()}"
 
 

@@ -88,15 +88,15 @@ def test_shipped_configs_lie_in_the_ranges(path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1.0 must be > 0"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1.0 must be > 0: null turns clipping off"),
     ("objective.beta=.nan", "objective.beta=nan must be a finite number (> 0)"),
     ("objective.beta=inf", "objective.beta=inf must be a finite number (> 0)"),
-    ("optim.lr=nan", "optim.lr=nan must be a finite number ([0, 1])"),
-    ("optim.lr=-.inf", "optim.lr=-inf must be a finite number ([0, 1])"),
-    ("optim.lr=1e30", "optim.lr=1e+30 must lie in [0, 1]"),
+    ("optim.lr=nan", "optim.lr=nan must be a finite number ([0, 1]): a larger step size is a typo (1e3 for 1e-3?)"),
+    ("optim.lr=-.inf", "optim.lr=-inf must be a finite number ([0, 1]): a larger step size is a typo (1e3 for 1e-3?)"),
+    ("optim.lr=1e30", "optim.lr=1e+30 must lie in [0, 1]: a larger step size is a typo (1e3 for 1e-3?)"),
     ("optim.adam_beta1=1.5", "optim.adam_beta1=1.5 must lie in [0, 1)"),
-    ("checkpoint_every=-1", "checkpoint_every=-1 must be >= 0"),
-    ("data.max_pairs=0", "data.max_pairs=0 must be >= 1"),
+    ("checkpoint_every=-1", "checkpoint_every=-1 must be >= 0: 0 saves only at the end"),
+    ("data.max_pairs=0", "data.max_pairs=0 must be >= 1: null uses every pair"),
     ("seed=-1", "seed=-1 must lie in [0, 4294967295]"),
     ("online.eta=1.5", "online.eta=1.5 must lie in [0, 1]"),
     ("lora.alpha=0", "lora.alpha=0.0 must be > 0"),
