@@ -462,13 +462,36 @@ def find_config(path: str | Path) -> Path:
     return shipped if shipped is not None and shipped.is_file() else path
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a config is a few kB; a larger "YAML" file is some other file
+
+
 def read_yaml(path: str | Path) -> dict:
     path = find_config(path)
+    shipped = "shipped ones: diffpo/configs/, e.g. configs/diffusion_dpo/tiny.yaml"
+    if path.is_dir():
+        inside = path / "config.yaml"
+        hint = f"pass {str(inside)!r} (the run's config)" if inside.is_file() else f"pass a YAML file ({shipped})"
+        raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file: {hint}")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} is not a regular file (a device, pipe or socket): pass a YAML "
+                          f"file ({shipped})")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file (shipped ones: diffpo/configs/, "
-                          "e.g. configs/diffusion_dpo/tiny.yaml)")
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file ({shipped})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(path)!r} holds {size} bytes, not a YAML config (at most "
+                              f"{MAX_CONFIG_BYTES} bytes): pass the config file")
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({error.strerror}): check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not a text YAML file (byte 0x{raw[error.start]:02x} at "
+                          f"position {error.start} is not UTF-8): pass the YAML config, not a binary file") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__}); fix the syntax") from None
     if not isinstance(data, dict):

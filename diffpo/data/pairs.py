@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,18 @@ def detect_format(source: str) -> str:
     if source.endswith(".parquet") or os.path.isdir(source) or any(ch in source for ch in "*?["):
         return "parquet"
     return "hub"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "org/name"
+
+
+def looks_local(source: str) -> bool:
+    """True when ``source`` can only mean a local path: absolute, ``./``, ``~``, a trailing slash,
+    deeper than ``org/name``, or its first part is an existing local folder. A hub id is
+    ``name`` or ``org/name``."""
+    first = source.split("/", 1)[0]
+    return (not _HUB_ID.match(source) or source.startswith(("/", "./", "../", "~")) or source.endswith("/")
+            or ("/" in source and os.path.isdir(first)))
 
 
 def _root_cause(error: BaseException) -> str:
@@ -163,6 +176,9 @@ def load_table(source: str, fmt: str = "auto", split: str = "train"):
         except Exception as error:
             raise DataError(f"data.source={source!r}: could not read it as JSON lines ({_root_cause(error)}); "
                             "every line must be an object with the same column types") from None
+    if looks_local(source):
+        raise DataError(f"data.source={source!r} does not exist (no such local file or folder): check the path; "
+                        "a parquet file/folder/glob, a .jsonl manifest, or a datasets hub id like 'org/name'")
     try:
         return undecoded_images(datasets.load_dataset(source, split=split))
     except Exception as error:
