@@ -228,7 +228,7 @@ ROWS = [
     ("wrong type bool", lambda c: c.train("data.keep_ties=maybe"), ["data.keep_ties must be true or false"]),
     ("beta zero", lambda c: c.train("objective.beta=0"), ["objective.beta=0.0 must be > 0"]),
     ("beta negative", lambda c: c.train("objective.beta=-5"), ["objective.beta=-5.0 must be > 0"]),
-    ("lr negative", lambda c: c.train("optim.lr=-1e-4"), ["optim.lr=-0.0001 must be >= 0"]),
+    ("lr negative", lambda c: c.train("optim.lr=-1e-4"), ["optim.lr=-0.0001 must lie in [0, 1]"]),
     ("resolution not divisible by VAE factor", lambda c: c.train("data.resolution=33"),
      ["data.resolution=33 is not divisible by the VAE factor 2", "use a multiple of 2"]),
     ("model path does not exist", lambda c: c.train(model=c.tmp / "no-model"),
@@ -268,7 +268,7 @@ ROWS = [
     ("label not a number", lambda c: c.train(data=write_rows(c.tmp / "d" / "s.parquet",
                                                              [dict(r, label_0=str(r["label_0"])) for r in good_rows(3)]
                                                              + [dict(good_rows(1)[0], label_0="left")])),
-     ["column label_0 must hold numbers", "row 3 has 'left'"]),
+     ["column label_0 must hold numbers", "row 0 has '0.0' (text)", "store it as a number column"]),
     ("manifest line not UTF-8", lambda c: c.train(data=_jsonl(c, [GOOD_LINE, GOOD_LINE.replace(b"red", b"r\xffd")])),
      ["line 2 is not valid UTF-8 (byte 0xff", "diffpo data check"]),
     ("manifest line not JSON", lambda c: c.train(data=_jsonl(c, [GOOD_LINE, GOOD_LINE[:30]])),

@@ -3,8 +3,10 @@
 Training stops at the first dataset-level problem and skips (or stops at) bad samples one by one;
 this reads the whole dataset once and lists them all: unreadable files and JSONL lines, missing
 columns, an empty dataset, all pairs ties, labels outside {0, 0.5, 1}, corrupt or truncated or
-oversized images, unreadable video clips and clips with fewer than ``data.num_frames`` frames,
-empty or non-UTF-8 captions, non-numeric scores. Images that training converts
+oversized images, images under ``MIN_IMAGE_SIDE`` pixels a side, unreadable video clips and clips
+with fewer than ``data.num_frames`` frames, empty, non-UTF-8 or non-text captions, labels and
+scores that are not numbers (text such as '1' included), by the rules training applies
+(``images.read_image``, ``images.caption_text``, ``pairs.as_number``). Images that training converts
 (grayscale, RGBA, CMYK, 16-bit, ...) or decodes at a reduced scale are counted, not reported as
 problems. The report (JSON) holds every problem with its row (and parquet file) or JSONL line.
 """
@@ -12,6 +14,7 @@ problems. The report (JSON) holds every problem with its row (and parquet file) 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,11 +22,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from diffpo.data.images import BadSampleError, caption_text, read_image
+from diffpo.data.images import MIN_IMAGE_SIDE, BadSampleError, caption_text, read_image
 from diffpo.data.videos import decode_video
 from diffpo.data.pairs import (
     VALID_LABELS,
     DataError,
+    as_number,
     detect_format,
     jsonl_lines,
     load_table,
@@ -153,11 +157,9 @@ def _needed_columns(data, winners_only: bool, columns: list[str]) -> list[str]:
 
 
 def _number(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number == number else None  # NaN is not a usable number
+    """A usable number by training's rule (``pairs.as_number``); NaN is not usable."""
+    number = as_number(value)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def check_dataset(data, winners_only: bool = False, max_rows: int | None = None, images: bool = True,
@@ -238,7 +240,8 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
                 caption_text(record.get(data.caption_column), f"{where} column {data.caption_column}",
                              data.allow_empty_captions)
             except BadSampleError as error:
-                kind = "caption_not_utf8" if "UTF-8" in str(error) else "empty_caption"
+                kind = ("caption_not_utf8" if "UTF-8" in str(error) else
+                        "caption_not_text" if "not text" in str(error) else "empty_caption")
                 report.add(kind, str(error), row, where)
                 bad = True
         if images and data.num_frames is not None:  # video clips: every frame readable, enough of them
@@ -254,9 +257,10 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
             for column in image_columns:
                 try:
                     decoded = read_image(record.get(column), base_dir, where=f"{where} column {column}",
-                                         min_side=data.resolution or 512)
+                                         min_side=data.resolution or 512, min_size=MIN_IMAGE_SIDE)
                 except BadSampleError as error:
-                    report.add("corrupt_image", str(error), row, where)
+                    kind = "too_small_image" if "-pixel minimum side" in str(error) else "corrupt_image"
+                    report.add(kind, str(error), row, where)
                     bad = True
                     continue
                 if decoded.mode != "RGB":

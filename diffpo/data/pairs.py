@@ -11,6 +11,7 @@ set the two "images" are videos (GIF/MP4 files, frame folders, encoded bytes or 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffpo.data.images import BadSampleError, caption_text, read_image, resize_and_crop, resized_shape
+from diffpo.data.images import MIN_IMAGE_SIDE, BadSampleError, caption_text, read_image, resize_and_crop, resized_shape
 from diffpo.data.videos import decode_video
 
 VALID_LABELS = (0.0, 0.5, 1.0)
@@ -28,18 +29,27 @@ class DataError(ValueError):
     """A dataset problem (missing column, no pairs left); the message says what to change."""
 
 
+def as_number(value) -> float | None:
+    """``value`` as a float when it is a number (int, float, numpy number; NaN included), else None:
+    text such as ``'1'``, booleans, lists and null are not numbers. Training and ``diffpo data check``
+    judge labels, feedback and scores by this one rule."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value)
+
+
 def numeric_column(table, column: str) -> np.ndarray:
     """A column as float64 (null -> NaN); DataError naming the first row that is not a number."""
     values = table[column]
-    try:
-        return np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        for row, value in enumerate(values):
-            try:
-                float(value)
-            except (TypeError, ValueError):
-                raise DataError(f"column {column} must hold numbers; row {row} has {value!r}") from None
-        raise
+    numbers = []
+    for row, value in enumerate(values):
+        number = as_number(value) if value is not None else math.nan
+        if number is None:
+            kind = "text" if isinstance(value, str) else type(value).__name__
+            raise DataError(f"column {column} must hold numbers; row {row} has {value!r} ({kind}): store it as a "
+                            "number column (0, 0.5 or 1 for labels)")
+        numbers.append(number)
+    return np.asarray(numbers, dtype=np.float64)
 
 
 def detect_format(source: str) -> str:
@@ -332,7 +342,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         for name, column, flip in sides:
             where = f"row {row} column {column}"
             if self.num_frames is None:
-                decoded = read_image(record[column], self.base_dir, where=where, min_side=self.resolution)
+                decoded = read_image(record[column], self.base_dir, where=where, min_side=self.resolution,
+                                     min_size=MIN_IMAGE_SIDE)
                 frames, original_size = [decoded.image], decoded.original_size
             else:
                 frames = decode_video(record[column], self.base_dir, where, self.num_frames, self.frame_stride)
@@ -355,10 +366,9 @@ class PreferencePairs(torch.utils.data.Dataset):
 
 
 def _score(value, where: str) -> float:
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise BadSampleError(f"{where}: the score {value!r} is not a number") from None
+    score = as_number(value)
+    if score is None:
+        raise BadSampleError(f"{where}: the score {value!r} is not a number")
     if not np.isfinite(score):
         raise BadSampleError(f"{where}: the score is {score}")
     return score
