@@ -57,6 +57,7 @@ def _data_check(args) -> None:
 
     from diffpo.config import DataConfig, TrainConfig, apply_overrides, from_dict, load_config, to_dict
     from diffpo.data.check import check_dataset, write_report
+    from diffpo.outputs import check_not_an_input
 
     data, winners_only = {}, False
     if args.config:
@@ -74,6 +75,7 @@ def _data_check(args) -> None:
     config = from_dict(DataConfig, apply_overrides(data, overrides))
     if not config.source:
         raise ValueError("name the dataset: diffpo data check DATASET (or --config CONFIG with data.source)")
+    check_not_an_input(args.out, {"dataset": config.source, "config": args.config})
     report = check_dataset(config, winners_only, args.max_rows, images=not args.no_images, progress=not args.no_progress)
     path = write_report(report, args.out)
     print("\n".join(report.summary_lines()))
@@ -104,7 +106,9 @@ def _quickstart(args) -> None:
 
 def _data_top_k(args) -> None:
     from diffpo.data.topk import top_k_images, write_top_k
+    from diffpo.outputs import check_not_an_input
 
+    check_not_an_input(args.out, {"--source": args.source})
     head = _load_heads([args.reward], args.reward_option, args.device)[args.reward]
     records = top_k_images(args.source, head, args.k, tuple(args.image_column or ("jpg_0", "jpg_1")),
                            args.caption_column, progress=not args.no_progress)
@@ -118,6 +122,11 @@ def _eval(args) -> None:
     from diffpo.eval.runner import run_eval
 
     config = load_eval_config(args.config, args.overrides)
+    from diffpo.outputs import check_not_an_input
+
+    for name in ("manifest.jsonl", "index.html", "summary.md", "scores.json", "scores.jsonl"):  # what it writes
+        check_not_an_input(os.path.join(config.output_dir, name), {"prompts.source": config.prompts.source},
+                           option="output_dir")
     with disk_full_names(config.output_dir, then="rerun the same config (finished images are kept)"):
         result = run_eval(config)
     baseline, metrics = result["baseline"], result["metrics"]
@@ -166,6 +175,12 @@ def _score(args) -> None:
         raise ValueError("pass either --images DIR --prompts FILE or --pairs PARQUET")
     if args.images is not None and args.prompts is None:
         raise ValueError("--images needs --prompts FILE (one prompt per line, or a .jsonl/.csv manifest with file,prompt)")
+    if args.images is not None:
+        from diffpo.eval.score import IMAGE_SUFFIXES
+        from diffpo.outputs import check_not_an_input
+
+        check_not_an_input(args.out or f"{args.images.rstrip('/')}/scores.jsonl",
+                           {"--prompts": args.prompts, "--images": args.images}, read_suffixes=IMAGE_SUFFIXES)
     heads = _load_heads(list(dict.fromkeys(args.reward)), args.reward_option, args.device, args.dtype,
                         batch_size=args.batch_size)
     if args.pairs is not None:

@@ -76,6 +76,10 @@ def _rendering_setup(args) -> dict:
 def _pairs(args) -> None:
     from diffpo.prompt.pairs import PairBuildOptions, build_candidates, make_pairs
 
+    from diffpo.outputs import check_not_an_input
+
+    for name in ("candidates.jsonl", "pairs.jsonl"):
+        check_not_an_input(Path(args.out) / name, {"--source": args.source})
     setup = _rendering_setup(args)
     options = PairBuildOptions(n_candidates=args.n, temperature=args.temperature, top_p=args.top_p,
                                max_new_tokens=args.max_new_tokens, seeds_per_prompt=args.seeds_per_prompt,
@@ -117,6 +121,9 @@ def add_pairs_command(subparsers):
 def _evaluate(args) -> None:
     from diffpo.prompt.evaluate import COMBINED, evaluate_rewriter
 
+    from diffpo.outputs import check_not_an_input
+
+    check_not_an_input(Path(args.out) / "prompt_eval.json", {"--source": args.source})
     setup = _rendering_setup(args)
     result = evaluate_rewriter(setup["rewriter"], setup["template"], setup["prompts"], setup["pipeline"], setup["heads"],
                                setup["embedder"], args.out, seeds_per_prompt=args.seeds_per_prompt, steps=args.steps,
