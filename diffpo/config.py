@@ -263,6 +263,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet's forward (policy and adapters-disabled reference)
+    check_memory: bool = True  # refuse a resolution x batch whose activations cannot fit the device (trainers/memory.py); false: try anyway
     log_every: int = 1
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_total_limit: int | None = 3

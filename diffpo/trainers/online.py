@@ -52,6 +52,7 @@ from diffpo.trainers.common import (
     save_checkpoint,
     step_generator,
 )
+from diffpo.trainers.memory import check_memory
 from diffpo.trainers.preflight import check_free_space
 from diffpo.trainers.nonfinite import NonfiniteGuard
 
@@ -145,6 +146,7 @@ def _train(config: TrainConfig) -> Path:
         unet.enable_gradient_checkpointing()
     sampler_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)
     resolution = stack.native_resolution
+    check_memory(config, stack, config.data.resolution or resolution, accelerator.device, weight_dtype.itemsize)
     latent_shape = (stack.unet.config.in_channels, resolution // stack.vae_scale_factor, resolution // stack.vae_scale_factor)
     empty_text = stack.encode_prompts([""])
 
