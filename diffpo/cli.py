@@ -327,9 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from diffpo.errors import user_errors
+    from contextlib import nullcontext
 
-    with user_errors():
+    from diffpo.errors import user_errors
+    from diffpo.interrupt import stop_cleanly
+
+    serves = args.command == "label" or getattr(args, "prompt_command", None) == "serve"  # own signal handling
+    with nullcontext() if serves else stop_cleanly(args, argv), user_errors():
         args.func(args)
     return 0
 
