@@ -175,7 +175,7 @@ def caption_text(value, where: str = "caption", allow_empty: bool = False) -> st
     if not isinstance(value, str):
         shown = repr(value)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        raise BadSampleError(f"{where}: the caption is a {type(value).__name__} ({shown}), not text: captions must be "
+        raise BadSampleError(f"{where}: the caption is not text but {type(value).__name__} {shown}: captions must be "
                              "strings; fix the column or set data.caption_column to the text column")
     text = value
     try:
