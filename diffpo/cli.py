@@ -207,6 +207,8 @@ def _is_learned(name: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffpo.ranges import argument
+
     parser = argparse.ArgumentParser(prog="diffpo", description="Preference alignment of diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                        help="a head option (repeatable), e.g. hps-v2.1.path=ckpts/HPS_v2.1_compressed.pt clip.raw=true")
     score.add_argument("--out", default=None, help="output file (default: DIR/scores.jsonl; PARQUET_scored.parquet beside the input)")
-    score.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    score.add_argument("--batch-size", type=argument(int, ">= 1"), default=16, help="images per forward pass (default 16)")
     score.add_argument("--device", default="cpu", help="device of learned heads, e.g. cpu, cuda, cuda:1 (default cpu)")
     score.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of learned heads (default fp32)")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -274,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "serves only the round's images inside RUN_DIR; SIGTERM or Ctrl-C finishes the requests "
                     "already received, then exits.")
     label.add_argument("run_dir", help="the run's output_dir, holding rounds/round-NNNN/")
-    label.add_argument("--round", type=int, default=None, metavar="N",
+    label.add_argument("--round", type=argument(int, ">= 0"), default=None, metavar="N",
                        help="round to label (default: the latest round with pending pairs, else the latest)")
     from diffpo.labeling.server import DEFAULT_PORT, MAX_BODY_BYTES, RATE_BURST, RATE_LIMIT
     from diffpo.serving import add_network_arguments
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "caption_column=prompt keep_ties=true resolution=1024")
     check.add_argument("--config", default=None, help="a training config whose data section (columns, method) to use")
     check.add_argument("--out", default="data_check.json", help="report file (default data_check.json)")
-    check.add_argument("--max-rows", type=int, default=None, help="check only the first N rows")
+    check.add_argument("--max-rows", type=argument(int, ">= 1"), default=None, help="check only the first N rows")
     check.add_argument("--no-images", action="store_true", help="do not decode images (columns, labels, captions only)")
     check.add_argument("--no-progress", action="store_true", help="no progress bar")
     check.set_defaults(func=_data_check)
@@ -311,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     top_k.add_argument("--reward", required=True, help="a reward head: pickscore, hps-v2.1, aesthetic, clip, jpeg-compressibility, ...")
     top_k.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                        help="a head option (repeatable), e.g. pickscore.path=ckpts/PickScore_v1")
-    top_k.add_argument("--k", type=int, required=True, help="how many images to keep")
+    top_k.add_argument("--k", type=argument(int, ">= 1"), required=True, help="how many images to keep")
     top_k.add_argument("--out", required=True, help="output parquet")
     top_k.add_argument("--image-column", action="append", default=None, help="image column (repeatable; default jpg_0 and jpg_1)")
     top_k.add_argument("--caption-column", default="caption", help="caption column (default caption)")

@@ -609,3 +609,121 @@ def test_a_write_that_hits_a_limit_is_one_line_naming_the_output(ctx):
     assert result.returncode == 2
     line = error_line(result.stderr)
     assert "file too large" in line and f"while writing '{ctx.tmp / 'run'}'" in line and "resume_from=latest" in line
+
+
+# ---- a failing run leaves an earlier run's files as they were ----------------------------------
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def test_a_failing_rerun_into_a_finished_run_dir_changes_nothing_there(ctx):
+    code, _, err = run_cli(*ctx.train("max_steps=2", "checkpoint_every=1", "log_every=1"))
+    assert code == 0, err[-2000:]
+    run = ctx.tmp / "run"
+    before = _files(run)
+    assert set(before) == {"config.yaml", "metrics.jsonl", "bad_samples.jsonl"}
+    truncated = ctx.tmp / "truncated.parquet"
+    truncated.write_bytes(Path(ctx.good).read_bytes()[:2000])
+    # a fresh start on unreadable data, a resume on unreadable data, and a first step that is NaN
+    for args in (ctx.train(data=truncated), ctx.train("resume_from=latest", "max_steps=3", data=truncated),
+                 ctx.train("objective.beta=1e30")):
+        code, _, err = run_cli(*args)
+        assert code == 2, err[-2000:]
+        assert _files(run) == before, error_line(err)
+    # the NaN stop names no checkpoint of the earlier run as this run's last good one
+    assert "last good checkpoint: none yet" in error_line(err)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    # a good rerun still starts (and only then replaces the files)
+    code, _, err = run_cli(*ctx.train("max_steps=1", "log_every=1"))
+    assert code == 0, err[-2000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_resumed_run_that_stops_on_nan_names_the_checkpoint_it_resumed_from(ctx):
+    code, _, err = run_cli(*ctx.train("max_steps=2", "checkpoint_every=1"))
+    assert code == 0, err[-2000:]
+    code, _, err = run_cli(*ctx.train("resume_from=latest", "max_steps=4", "objective.beta=1e30"))
+    assert code == 2
+    assert f"last good checkpoint: {ctx.tmp / 'run' / 'checkpoints' / 'step-2'}" in error_line(err)
+
+
+def test_the_same_data_file_relative_then_absolute_resumes(ctx, monkeypatch):
+    """The run dir keeps local input paths absolute, so a resume from another folder, with the
+    path written another way, is the same config."""
+    data = ctx.tmp / "work" / "data" / "pairs.parquet"
+    data.parent.mkdir(parents=True)
+    shutil.copy(ctx.good, data)
+    monkeypatch.chdir(ctx.tmp / "work")
+    code, _, err = run_cli(*ctx.train("max_steps=1", data="data/pairs.parquet"))
+    assert code == 0, err[-2000:]
+    monkeypatch.chdir(ctx.tmp)
+    code, out, err = run_cli(*ctx.train("resume_from=latest", "max_steps=2", data=data))
+    assert code == 0, err[-2000:]
+    assert "resumed from" in out and "data.source" not in out  # not even a note: the same file
+    code, _, err = run_cli("train", ctx.tmp / "run" / "config.yaml", "resume_from=latest", "max_steps=3")
+    assert code == 0, err[-2000:]
+
+
+# ---- no command writes over its inputs ----------------------------------------------------------
+
+
+def test_no_command_writes_over_its_own_inputs(ctx, monkeypatch):
+    data = ctx.tmp / "d" / "pairs.parquet"
+    data.parent.mkdir()
+    shutil.copy(ctx.good, data)
+    original = data.read_bytes()
+    monkeypatch.chdir(ctx.tmp)
+    images = ctx.tmp / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    (images / "prompts.txt").write_text("a black square\n")
+    cases = [
+        (["data", "check", "d/pairs.parquet", "--out", data], "is the dataset file"),  # relative vs absolute
+        (["data", "check", data, "--out", "./d/../d/pairs.parquet"], "is the dataset file"),
+        (["data", "check", "d", "--out", "d/report.parquet"], "lies inside the dataset folder"),
+        (["data", "top-k", "--source", data, "--reward", "brightness", "--k", "1", "--out", "d/pairs.parquet"],
+         "is the --source file"),
+        (["score", "--images", images, "--prompts", images / "prompts.txt", "--reward", "brightness", "--out",
+          "images/prompts.txt"], "is the --prompts file"),
+        (["score", "--pairs", data, "--reward", "brightness", "--out", "d/pairs.parquet"], "is the input file"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(*args)
+        assert code == 2 and message in error_line(err), (args, err[-1000:])
+    assert data.read_bytes() == original and (images / "prompts.txt").read_text() == "a black square\n"
+
+
+# ---- the same type rules in training and in diffpo data check -----------------------------------
+
+
+def test_data_check_applies_the_training_type_rules(ctx):
+    rows = good_rows(6)
+    rows[1]["jpg_1"] = png(size=(8, 40))
+    for row in rows:  # labels as text ('0.0', '1.0'): a CSV export's mistake
+        row["label_0"] = str(row["label_0"])
+    data = write_rows(ctx.tmp / "mixed.parquet", rows)
+    ints = _column_of(ctx, "caption", list(range(8)))
+    code, _, _ = run_cli("data", "check", data, "--out", ctx.tmp / "m.json", "--no-progress")
+    report = json.loads((ctx.tmp / "m.json").read_text())
+    assert code == 1 and report["problem_counts"] == {"bad_label": 6, "too_small_image": 1}
+    (small,) = [p for p in report["problems"] if p["kind"] == "too_small_image"]
+    assert "row 1 column jpg_1: the image is 8x40 pixels, below the 16-pixel minimum side" in small["message"]
+    assert "label_0='1.0' is text, not a number" in report["problems"][0]["message"]
+    code, _, _ = run_cli("data", "check", ints, "--out", ctx.tmp / "i.json", "--no-progress")
+    report = json.loads((ctx.tmp / "i.json").read_text())
+    assert code == 1 and report["problem_counts"] == {"caption_not_text": 8} and report["usable_pairs"] == 0
+
+
+def test_command_line_numbers_are_range_checked(capsys):
+    for args, message in ((["data", "check", "x.parquet", "--max-rows", "-5"], "argument --max-rows: must be >= 1, got -5"),
+                          (["data", "check", "x.parquet", "--max-rows", "0"], "must be >= 1, got 0"),
+                          (["score", "--pairs", "x.parquet", "--reward", "clip", "--batch-size", "0"],
+                           "argument --batch-size: must be >= 1, got 0"),
+                          (["data", "top-k", "--source", "x", "--reward", "clip", "--k", "-1", "--out", "o.parquet"],
+                           "argument --k: must be >= 1, got -1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err

@@ -218,8 +218,9 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
         if paired and data.label_column in present:
             label = _number(record.get(data.label_column))
             if label is None or label not in VALID_LABELS:
-                report.add("bad_label", f"{where}: {data.label_column}={record.get(data.label_column)!r} is not "
-                           "0, 0.5 or 1", row, where)
+                value = record.get(data.label_column)
+                what = "is text, not a number (0, 0.5 or 1)" if isinstance(value, str) else "is not 0, 0.5 or 1"
+                report.add("bad_label", f"{where}: {data.label_column}={value!r} {what}", row, where)
                 bad = True
             else:
                 labels_seen += 1
