@@ -710,7 +710,7 @@ def test_data_check_applies_the_training_type_rules(ctx):
     assert code == 1 and report["problem_counts"] == {"bad_label": 6, "too_small_image": 1}
     (small,) = [p for p in report["problems"] if p["kind"] == "too_small_image"]
     assert "row 1 column jpg_1: the image is 8x40 pixels, below the 16-pixel minimum side" in small["message"]
-    assert "label_0='1.0' is text, not a number" in report["problems"][0]["message"]
+    assert "row 0: label_0='0.0' is text, not a number" in report["problems"][0]["message"]
     code, _, _ = run_cli("data", "check", ints, "--out", ctx.tmp / "i.json", "--no-progress")
     report = json.loads((ctx.tmp / "i.json").read_text())
     assert code == 1 and report["problem_counts"] == {"caption_not_text": 8} and report["usable_pairs"] == 0
