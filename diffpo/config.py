@@ -263,7 +263,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet's forward (policy and adapters-disabled reference)
-    check_memory: bool = True  # refuse a resolution x batch whose activations cannot fit the device (trainers/memory.py); false: try anyway
+    check_memory: bool = True  # refuse a resolution x batch whose activations cannot fit the device (diffpo/memory.py); false: try anyway
     log_every: int = 1
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_total_limit: int | None = 3
@@ -283,6 +283,8 @@ class TrainConfig:
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def __post_init__(self):
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty: name a folder for the run (e.g. output_dir=runs/dpo)")
         for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every", "max_nonfinite_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")

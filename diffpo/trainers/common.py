@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from diffpo.config import ConfigError, save_config
+from diffpo.errors import one_line
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -349,8 +350,14 @@ def load_policy(config, accelerator, weight_dtype):
         if not stack.family.supports_lora:
             raise ConfigError(f"{stack.family.unet_class_name} ({stack.family.pipeline_class_name}) has no peft adapter "
                               "support in diffusers, so its pipeline cannot load a LoRA: set finetune=full")
-        params = attach_lora(unet, config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules,
-                             config.lora.part, stack.family)
+        try:
+            params = attach_lora(unet, config.lora.rank, config.lora.alpha, config.lora.dropout,
+                                 config.lora.target_modules, config.lora.part, stack.family)
+        except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+            if "arget modules" not in str(error):
+                raise
+            raise ConfigError(f"lora.target_modules={config.lora.target_modules}: {one_line(error)} Name layers of "
+                              "the denoiser, e.g. [to_q, to_k, to_v, to_out.0]") from None
         cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
     else:
         unet.to(dtype=torch.float32).requires_grad_(True)

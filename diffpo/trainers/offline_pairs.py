@@ -47,7 +47,7 @@ from diffpo.trainers.common import (
     resumed_micro_step,
     save_checkpoint,
 )
-from diffpo.trainers.memory import check_memory
+from diffpo.memory import check_memory
 from diffpo.trainers.preflight import check_free_space
 from diffpo.trainers.nonfinite import NonfiniteGuard
 

@@ -1,4 +1,5 @@
-"""Will one training micro-step fit in memory? A lower bound, checked before any data is read.
+"""Will one training micro-step (or one eval batch) fit in memory? A lower bound, checked before
+any data is read or any image generated.
 
 ``activation_estimate`` counts only memory a micro-step certainly holds at once, so a refusal is
 never a false alarm (real use is several times higher: optimizer state, allocator slack, the
@@ -17,6 +18,10 @@ attention scores of the math kernel are not counted):
 training device: a CUDA device's total memory, or for the CPU the memory the machine has available
 (``MemAvailable``, and a container's cgroup limit when lower). ``check_memory: false`` in the
 config skips it (a device whose memory the estimate misjudges, e.g. unified memory).
+
+``check_generation_memory`` does the same for ``diffpo eval``: a batch of ``sampling.batch_size``
+decoded images at ``sampling.resolution`` (3 x R² fp32 values each, and as many in the VAE
+decoder's output) must fit; ``check_memory: false`` in the eval config skips it.
 """
 
 from __future__ import annotations
@@ -117,3 +122,22 @@ def check_memory(config, stack, resolution: int, device: torch.device, weight_by
         "data.resolution or train_batch_size"
         + ("" if config.gradient_checkpointing else ", set gradient_checkpointing=true")
         + ", or set check_memory=false to try anyway")
+
+
+def check_generation_memory(config) -> None:
+    """Refuse an eval ``config`` whose models' decoded image batches cannot fit in memory."""
+    if not config.check_memory:
+        return
+    from diffpo.eval.config import sampling_for
+
+    available, what = available_memory(torch.device(config.device))
+    for index, entry in enumerate(config.models):
+        sampling = sampling_for(config, entry)
+        if sampling.resolution is None:
+            continue  # the model's native resolution: what it was made for
+        needed = 2 * sampling.batch_size * 3 * sampling.resolution ** 2 * 4
+        if needed > available:
+            raise ConfigError(
+                f"models[{index}] ({entry.name}): sampling.resolution={sampling.resolution} with sampling.batch_size="
+                f"{sampling.batch_size} needs at least {_bytes(needed)} for the decoded images alone, but {what}: "
+                "lower sampling.resolution or sampling.batch_size, or set check_memory=false to try anyway")
