@@ -176,6 +176,11 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
         if not os.path.isfile(source):
             report.add("unreadable", f"manifest {source!r} does not exist")
             return report
+        with open(source, "rb") as handle:
+            if handle.read(4) == b"PAR1":
+                report.add("unreadable", f"{source!r} is a parquet file, but format=jsonl reads JSON lines: set "
+                           "format=auto (or parquet)")
+                return report
         rows = _rows_of_jsonl(source, report)
         columns = sorted({key for _, _, record in rows for key in record})
         total = len(rows)

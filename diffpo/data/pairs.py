@@ -172,6 +172,10 @@ def load_table(source: str, fmt: str = "auto", split: str = "train"):
     if fmt == "jsonl":
         if not os.path.isfile(source):
             raise DataError(f"data.source={source!r}: manifest file does not exist")
+        with open(source, "rb") as handle:
+            if handle.read(4) == b"PAR1":
+                raise DataError(f"data.source={source!r} is a parquet file, but data.format=jsonl reads JSON lines: "
+                                "set data.format=auto (or parquet)")
         if _jsonl_is_empty(source):
             raise DataError(f"data.source={source!r}: the dataset is empty (no JSON lines)")
         # checked by hand first: the JSON reader may replace bytes that are not UTF-8 without a word

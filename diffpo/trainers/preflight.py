@@ -29,16 +29,14 @@ _NOT_WORTH_A_NOTE = ("output_dir", "resume_from", "progress_bar")
 _PATH_KEYS = ("model.pretrained", "model.vae", "model.motion_adapter", "data.source", "online.prompts")
 
 
-def output_dir_error(run_dir: Path, error: OSError) -> ConfigError:
-    """Why ``run_dir`` cannot hold a run, and what to do."""
+def output_dir_error(run_dir: Path, error: OSError, key: str = "output_dir") -> ConfigError:
+    """Why ``run_dir`` (the folder ``key`` names) cannot hold what a command writes, and what to do."""
     if error.errno == errno.ENOSPC:
-        return ConfigError(f"output_dir={str(run_dir)!r}: no space left on device: free space there or choose "
-                           "another output_dir")
+        return ConfigError(f"{key}={str(run_dir)!r}: no space left on device: free space there or choose another {key}")
     blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        return ConfigError(f"output_dir={str(run_dir)!r}: {str(blocker)!r} is a file, not a folder: choose another "
-                           "output_dir")
-    return ConfigError(f"output_dir={str(run_dir)!r} is not writable ({error.strerror}): choose another folder")
+        return ConfigError(f"{key}={str(run_dir)!r}: {str(blocker)!r} is a file, not a folder: choose another {key}")
+    return ConfigError(f"{key}={str(run_dir)!r} is not writable ({error.strerror}): choose another folder")
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
