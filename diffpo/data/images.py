@@ -59,6 +59,9 @@ def _open(value, base_dir: Path | None, where: str) -> Image.Image:
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if not path.is_file():
+            if " " in value.strip() and not value.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")):
+                raise BadSampleError(f"{where}: holds text ({value[:40]!r}), not an image or an image file: check "
+                                     "data.image_0_column / image_1_column")
             raise BadSampleError(f"{where}: image file {str(path)!r} does not exist")
         return Image.open(path)
     if value is None:

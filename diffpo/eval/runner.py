@@ -59,7 +59,12 @@ def run_eval(config: EvalConfig, build_backend: BackendBuilder | None = None) ->
     check_generation_memory(config)
     heads = load_heads(config)
     consistency, embed = _consistency_embedder(config, heads)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        from diffpo.trainers.preflight import output_dir_error
+
+        raise output_dir_error(out, error) from None
     save_config(config, out / "config.yaml")
 
     samples, generation, counts = [], {}, {}
