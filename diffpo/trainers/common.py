@@ -290,14 +290,15 @@ class MetricsLog:
         return record
 
 
-def check_finite(loss: torch.Tensor | float, step: int, captions: list[str], run_dir: Path) -> None:
+def check_finite(loss: torch.Tensor | float, step: int, captions: list[str], run_dir: Path, accelerator=None) -> None:
     """Stop on a NaN/inf loss (loops without ``on_nonfinite`` use this; see trainers.nonfinite). A
     tensor is read on the host: call it where a sync is acceptable."""
     from diffpo.trainers.nonfinite import nonfinite_message
 
     value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
-        raise FloatingPointError(nonfinite_message("loss", value, step, captions, run_dir, skip_hint=False))
+        raise FloatingPointError(nonfinite_message("loss", value, step, captions, run_dir, skip_hint=False,
+                                                   accelerator=accelerator))
 
 
 def make_accelerator(config, gradient_accumulation_steps: int):

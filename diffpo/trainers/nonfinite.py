@@ -82,7 +82,7 @@ class NonfiniteGuard:
             return True
         if self.mode == "stop":
             raise FloatingPointError(nonfinite_message("loss", value, step, captions, self.run_dir,
-                                                         accelerator=self.accelerator))
+                                                     accelerator=self.accelerator))
         if self.pending is None:
             self.pending = (value, step, list(captions))
         return False
@@ -100,7 +100,7 @@ class NonfiniteGuard:
         bad_grad = not math.isfinite(norm) and self.accelerator.scaler is None
         if bad_grad and self.mode == "stop":
             raise FloatingPointError(nonfinite_message("the gradient norm", norm, step, captions, self.run_dir,
-                                                         accelerator=self.accelerator))
+                                                     accelerator=self.accelerator))
         pending, self.pending = self.pending, None
         if pending is None and not bad_grad:
             self.in_a_row = 0
@@ -124,10 +124,10 @@ class NonfiniteGuard:
             return
         if not math.isfinite(loss):
             raise FloatingPointError(nonfinite_message("loss", loss, step, captions, self.run_dir,
-                                                         accelerator=self.accelerator))
+                                                     accelerator=self.accelerator))
         bad_norm, self.bad_norm = self.bad_norm, None
         if bad_norm is not None:  # clipped norms are the same on every process: no collective needed
             norm = float(bad_norm)
             if not math.isfinite(norm):
                 raise FloatingPointError(nonfinite_message("the gradient norm", norm, step, captions, self.run_dir,
-                                                         accelerator=self.accelerator))
+                                                     accelerator=self.accelerator))
