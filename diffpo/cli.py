@@ -77,7 +77,10 @@ def _data_check(args) -> None:
         raise ValueError("name the dataset: diffpo data check DATASET (or --config CONFIG with data.source)")
     check_not_an_input(args.out, {"dataset": config.source, "config": args.config})
     report = check_dataset(config, winners_only, args.max_rows, images=not args.no_images, progress=not args.no_progress)
-    path = write_report(report, args.out)
+    from diffpo.errors import disk_full_names
+
+    with disk_full_names(args.out, then="pass an --out on a disk with space"):
+        path = write_report(report, args.out)
     print("\n".join(report.summary_lines()))
     print(f"report: {path}")
     if not report.ok:

@@ -28,6 +28,7 @@ from conftest import make_pairs
 from diffpo.cli import main
 
 TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "diffusion_dpo" / "tiny.yaml")
+EVAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "eval" / "tiny.yaml")
 
 
 # ---- bad images and datasets, built in code ---------------------------------------------------
@@ -241,6 +242,12 @@ def _column_of(c: Ctx, name: str, values: list) -> str:
     return str(path)
 
 
+def _twice(c: Ctx) -> Path:
+    path = c.tmp / "twice.yaml"
+    path.write_text("max_steps: 3\nmax_steps: 5\n")
+    return path
+
+
 def _binary_yaml(c: Ctx) -> list:
     path = c.tmp / "weights.yaml"
     path.write_bytes(bytes(range(256)) * 4)
@@ -279,6 +286,22 @@ ROWS = [
     ("config file is a run dir", lambda c: ["train", _run_dir(c)], ["is a folder, not a YAML file: pass", "config.yaml"]),
     ("config file is a device", lambda c: ["train", "/dev/zero"], ["'/dev/zero' is not a regular file"]),
     ("config file is binary", _binary_yaml, ["weights.yaml' is not a text YAML file (byte 0x80 at position 128"]),
+    ("empty output_dir", lambda c: c.train(out=""), ["output_dir is empty: name a folder for the run"]),
+    ("a key twice in the YAML", lambda c: ["train", _twice(c)], ["key 'max_steps' appears twice in one section (lines 1 and 2)"]),
+    ("lora.target_modules that match nothing", lambda c: c.train("lora.target_modules=[to_qq]"),
+     ["lora.target_modules=['to_qq']", "not found in the base model", "e.g. [to_q, to_k, to_v, to_out.0]"]),
+    ("online.prompts file missing", lambda c: c.train("method=d3po", f"online.prompts={c.tmp / 'none.txt'}"),
+     ["online.prompts: prompt file", "none.txt' not found", "!prompts.source"]),
+    ("unusable cache.dir", lambda c: ["cache", TINY_CONFIG, f"model.pretrained={c.tiny}", f"data.source={c.good}",
+                                      "cache.dir=/dev/null"], ["cache.dir='/dev/null': '/dev/null' is a file, not a folder"]),
+    ("unknown reward option", lambda c: ["score", "--pairs", c.good, "--reward", "jpeg-compressibility",
+                                         "--reward-option", "jpeg-compressibility.qualty=90", "--out", c.tmp / "s.parquet"],
+     ["reward 'jpeg-compressibility' has no option 'qualty'; did you mean 'quality'?"]),
+    ("eval output_dir is a file", lambda c: ["eval", EVAL_CONFIG, "output_dir=/dev/null"],
+     ["output_dir='/dev/null': '/dev/null' is a file, not a folder"]),
+    ("eval resolution far too large for the memory", lambda c: ["eval", EVAL_CONFIG, f"output_dir={c.tmp / 'e'}",
+                                                                "sampling.resolution=1000000"],
+     ["sampling.resolution=1000000 with sampling.batch_size=", "for the decoded images alone", "check_memory=false"]),
     ("resolution not divisible by VAE factor", lambda c: c.train("data.resolution=33"),
      ["data.resolution=33 is not divisible by the VAE factor 2", "use a multiple of 2"]),
     ("model path does not exist", lambda c: c.train(model=c.tmp / "no-model"),
@@ -318,6 +341,10 @@ ROWS = [
     ("hub dataset with no network", lambda c: c.train(data="nobody-diffpo/no-such-data"),
      ["dataset 'nobody-diffpo/no-such-data' was not found locally", "--repo-type dataset", "local parquet files"]),
     ("not a parquet file", lambda c: c.train(data=_garbage_parquet(c)), ["broken.parquet: not a readable parquet file"]),
+    ("a parquet file read as JSON lines", lambda c: c.train("data.format=jsonl"),
+     ["is a parquet file, but data.format=jsonl reads JSON lines: set data.format=auto"]),
+    ("image column holding captions", lambda c: c.strict("data.image_0_column=caption", data=c.good),
+     ["column caption: holds text (", "not an image or an image file: check data.image_0_column"]),
     ("missing column", lambda c: c.train("data.caption_column=prompt"),
      ["missing column(s) ['prompt']", "set data.image_0_column / image_1_column / label_column / caption_column"]),
     ("empty parquet", lambda c: c.train(data=_empty_parquet(c)), ["the dataset is empty"]),
