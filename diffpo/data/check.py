@@ -156,9 +156,9 @@ def _needed_columns(data, winners_only: bool, columns: list[str]) -> list[str]:
     return needed + list(data.score_columns or ())
 
 
-def _number(value) -> float | None:
+def _number(value, allow_bool: bool = False) -> float | None:
     """A usable number by training's rule (``pairs.as_number``); NaN is not usable."""
-    number = as_number(value)
+    number = as_number(value, allow_bool)
     return number if number is not None and math.isfinite(number) else None
 
 
@@ -233,7 +233,7 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
                     report.ties += 1
                     bad = bad or not data.keep_ties
         if data.feedback_column in present:
-            if _number(record.get(data.feedback_column)) not in (0.0, 1.0):
+            if _number(record.get(data.feedback_column), allow_bool=True) not in (0.0, 1.0):
                 report.add("bad_feedback", f"{where}: {data.feedback_column}={record.get(data.feedback_column)!r} "
                            "is not 0 or 1", row, where)
                 bad = True

@@ -29,21 +29,24 @@ class DataError(ValueError):
     """A dataset problem (missing column, no pairs left); the message says what to change."""
 
 
-def as_number(value) -> float | None:
+def as_number(value, allow_bool: bool = False) -> float | None:
     """``value`` as a float when it is a number (int, float, numpy number; NaN included), else None:
-    text such as ``'1'``, booleans, lists and null are not numbers. Training and ``diffpo data check``
-    judge labels, feedback and scores by this one rule."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    text such as ``'1'``, lists and null are not numbers, nor booleans unless ``allow_bool`` (binary
+    feedback: a thumbs-up column). Training and ``diffpo data check`` judge labels, feedback and
+    scores by this one rule."""
+    if isinstance(value, (bool, np.bool_)):
+        return float(value) if allow_bool else None
+    if not isinstance(value, (int, float, np.integer, np.floating)):
         return None
     return float(value)
 
 
-def numeric_column(table, column: str) -> np.ndarray:
+def numeric_column(table, column: str, allow_bool: bool = False) -> np.ndarray:
     """A column as float64 (null -> NaN); DataError naming the first row that is not a number."""
     values = table[column]
     numbers = []
     for row, value in enumerate(values):
-        number = as_number(value) if value is not None else math.nan
+        number = as_number(value, allow_bool) if value is not None else math.nan
         if number is None:
             kind = "text" if isinstance(value, str) else type(value).__name__
             raise DataError(f"column {column} must hold numbers; row {row} has {value!r} ({kind}): store it as a "
@@ -258,7 +261,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         labels = np.ones(len(table)) if plain else numeric_column(table, label_column)
         self.feedback = None
         if feedback_column is not None:
-            self.feedback = numeric_column(table, feedback_column)
+            self.feedback = numeric_column(table, feedback_column, allow_bool=True)  # true/false: 1/0
             bad = ~np.isin(self.feedback, (0.0, 1.0))
             if bad.any():
                 raise DataError(f"{feedback_column} must be 1 (desirable) or 0 (undesirable); row {int(np.argmax(bad))} "
