@@ -25,8 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived (a BaseException: no ``except Exception`` of a command swallows it)."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. A KeyboardInterrupt: no ``except Exception`` of a command swallows
+    it, and code that expects Ctrl-C (a DataLoader worker forked with this handler) treats it as one."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -119,7 +120,7 @@ def stop_cleanly(args, argv: list[str] | None):
         previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
-    except (Interrupted, KeyboardInterrupt) as error:
+    except KeyboardInterrupt as error:  # Interrupted included
         signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
         for sig, handler in previous.items():  # a second Ctrl-C while the note is written ends at once
             signal.signal(sig, handler)
