@@ -57,6 +57,7 @@ def _data_check(args) -> None:
 
     from diffpo.config import DataConfig, TrainConfig, apply_overrides, from_dict, load_config, to_dict
     from diffpo.data.check import check_dataset, write_report
+    from diffpo.outputs import check_not_an_input
 
     data, winners_only = {}, False
     if args.config:
@@ -74,8 +75,12 @@ def _data_check(args) -> None:
     config = from_dict(DataConfig, apply_overrides(data, overrides))
     if not config.source:
         raise ValueError("name the dataset: diffpo data check DATASET (or --config CONFIG with data.source)")
+    check_not_an_input(args.out, {"dataset": config.source, "config": args.config})
     report = check_dataset(config, winners_only, args.max_rows, images=not args.no_images, progress=not args.no_progress)
-    path = write_report(report, args.out)
+    from diffpo.errors import disk_full_names
+
+    with disk_full_names(args.out, then="pass an --out on a disk with space"):
+        path = write_report(report, args.out)
     print("\n".join(report.summary_lines()))
     print(f"report: {path}")
     if not report.ok:
@@ -106,7 +111,9 @@ def _quickstart(args) -> None:
 
 def _data_top_k(args) -> None:
     from diffpo.data.topk import top_k_images, write_top_k
+    from diffpo.outputs import check_not_an_input
 
+    check_not_an_input(args.out, {"--source": args.source})
     head = _load_heads([args.reward], args.reward_option, args.device)[args.reward]
     records = top_k_images(args.source, head, args.k, tuple(args.image_column or ("jpg_0", "jpg_1")),
                            args.caption_column, progress=not args.no_progress)
@@ -120,6 +127,11 @@ def _eval(args) -> None:
     from diffpo.eval.runner import run_eval
 
     config = load_eval_config(args.config, args.overrides)
+    from diffpo.outputs import check_not_an_input
+
+    for name in ("manifest.jsonl", "index.html", "summary.md", "scores.json", "scores.jsonl"):  # what it writes
+        check_not_an_input(os.path.join(config.output_dir, name), {"prompts.source": config.prompts.source},
+                           option="output_dir")
     with disk_full_names(config.output_dir, then="rerun the same config (finished images are kept)"):
         result = run_eval(config)
     baseline, metrics = result["baseline"], result["metrics"]
@@ -168,6 +180,12 @@ def _score(args) -> None:
         raise ValueError("pass either --images DIR --prompts FILE or --pairs PARQUET")
     if args.images is not None and args.prompts is None:
         raise ValueError("--images needs --prompts FILE (one prompt per line, or a .jsonl/.csv manifest with file,prompt)")
+    if args.images is not None:
+        from diffpo.eval.score import IMAGE_SUFFIXES
+        from diffpo.outputs import check_not_an_input
+
+        check_not_an_input(args.out or f"{args.images.rstrip('/')}/scores.jsonl",
+                           {"--prompts": args.prompts, "--images": args.images}, read_suffixes=IMAGE_SUFFIXES)
     heads = _load_heads(list(dict.fromkeys(args.reward)), args.reward_option, args.device, args.dtype,
                         batch_size=args.batch_size)
     if args.pairs is not None:
@@ -194,6 +212,8 @@ def _is_learned(name: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffpo.ranges import argument
+
     parser = argparse.ArgumentParser(prog="diffpo", description="Preference alignment of diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -244,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                        help="a head option (repeatable), e.g. hps-v2.1.path=ckpts/HPS_v2.1_compressed.pt clip.raw=true")
     score.add_argument("--out", default=None, help="output file (default: DIR/scores.jsonl; PARQUET_scored.parquet beside the input)")
-    score.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    score.add_argument("--batch-size", type=argument(int, ">= 1"), default=16, help="images per forward pass (default 16)")
     score.add_argument("--device", default="cpu", help="device of learned heads, e.g. cpu, cuda, cuda:1 (default cpu)")
     score.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of learned heads (default fp32)")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -261,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "serves only the round's images inside RUN_DIR; SIGTERM or Ctrl-C finishes the requests "
                     "already received, then exits.")
     label.add_argument("run_dir", help="the run's output_dir, holding rounds/round-NNNN/")
-    label.add_argument("--round", type=int, default=None, metavar="N",
+    label.add_argument("--round", type=argument(int, ">= 0"), default=None, metavar="N",
                        help="round to label (default: the latest round with pending pairs, else the latest)")
     from diffpo.labeling.server import DEFAULT_PORT, MAX_BODY_BYTES, RATE_BURST, RATE_LIMIT
     from diffpo.serving import add_network_arguments
@@ -288,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "caption_column=prompt keep_ties=true resolution=1024")
     check.add_argument("--config", default=None, help="a training config whose data section (columns, method) to use")
     check.add_argument("--out", default="data_check.json", help="report file (default data_check.json)")
-    check.add_argument("--max-rows", type=int, default=None, help="check only the first N rows")
+    check.add_argument("--max-rows", type=argument(int, ">= 1"), default=None, help="check only the first N rows")
     check.add_argument("--no-images", action="store_true", help="do not decode images (columns, labels, captions only)")
     check.add_argument("--no-progress", action="store_true", help="no progress bar")
     check.set_defaults(func=_data_check)
@@ -298,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     top_k.add_argument("--reward", required=True, help="a reward head: pickscore, hps-v2.1, aesthetic, clip, jpeg-compressibility, ...")
     top_k.add_argument("--reward-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                        help="a head option (repeatable), e.g. pickscore.path=ckpts/PickScore_v1")
-    top_k.add_argument("--k", type=int, required=True, help="how many images to keep")
+    top_k.add_argument("--k", type=argument(int, ">= 1"), required=True, help="how many images to keep")
     top_k.add_argument("--out", required=True, help="output parquet")
     top_k.add_argument("--image-column", action="append", default=None, help="image column (repeatable; default jpg_0 and jpg_1)")
     top_k.add_argument("--caption-column", default="caption", help="caption column (default caption)")
@@ -314,9 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from diffpo.errors import user_errors
+    from contextlib import nullcontext
 
-    with user_errors():
+    from diffpo.errors import user_errors
+    from diffpo.interrupt import stop_cleanly
+
+    serves = args.command == "label" or getattr(args, "prompt_command", None) == "serve"  # own signal handling
+    with nullcontext() if serves else stop_cleanly(args, argv), user_errors():
         args.func(args)
     return 0
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from diffpo.ranges import check_range
+
 
 class ConfigError(ValueError):
     """A configuration problem; its message names the key and what to do."""
@@ -261,6 +263,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet's forward (policy and adapters-disabled reference)
+    check_memory: bool = True  # refuse a resolution x batch whose activations cannot fit the device (diffpo/memory.py); false: try anyway
     log_every: int = 1
     checkpoint_every: int = 0  # 0: only at the end
     checkpoints_total_limit: int | None = 3
@@ -280,6 +283,8 @@ class TrainConfig:
     online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def __post_init__(self):
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty: name a folder for the run (e.g. output_dir=runs/dpo)")
         for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "log_every", "max_nonfinite_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -412,6 +417,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+        problem = check_range(cls, key, f"{prefix}{key}", kwargs[key])  # diffpo.ranges.RANGES
+        if problem:
+            raise ConfigError(problem)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -457,15 +465,54 @@ def find_config(path: str | Path) -> Path:
     return shipped if shipped is not None and shipped.is_file() else path
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one section (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}): keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_CONFIG_BYTES = 16 << 20  # a config is a few kB; a larger "YAML" file is some other file
+
+
 def read_yaml(path: str | Path) -> dict:
     path = find_config(path)
+    shipped = "shipped ones: diffpo/configs/, e.g. configs/diffusion_dpo/tiny.yaml"
+    if path.is_dir():
+        inside = path / "config.yaml"
+        hint = f"pass {str(inside)!r} (the run's config)" if inside.is_file() else f"pass a YAML file ({shipped})"
+        raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file: {hint}")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} is not a regular file (a device, pipe or socket): pass a YAML "
+                          f"file ({shipped})")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file (shipped ones: diffpo/configs/, "
-                          "e.g. configs/diffusion_dpo/tiny.yaml)")
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file ({shipped})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(path)!r} holds {size} bytes, not a YAML config (at most "
+                              f"{MAX_CONFIG_BYTES} bytes): pass the config file")
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({error.strerror}): check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not a text YAML file (byte 0x{raw[error.start]:02x} at "
+                          f"position {error.start} is not UTF-8): pass the YAML config, not a binary file") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__}); fix the syntax") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys")
     return data

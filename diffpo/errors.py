@@ -48,6 +48,7 @@ def is_disk_full(error: BaseException) -> bool:
     return write_failure(error) is not None
 
 
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|Cannot allocate memory", re.IGNORECASE)
 NEARLY_FULL_BYTES = 1 << 20  # a disk with less free space than this is taken to be why a write failed
 
 
@@ -94,6 +95,15 @@ def user_errors():
     """Print ``error: <message>`` and exit 2 for problems the user can fix; DIFFPO_DEBUG=1 re-raises."""
     try:
         yield
+    except (MemoryError, RuntimeError) as error:
+        # torch.OutOfMemoryError (a RuntimeError) and the CPU allocator's "can't allocate memory"
+        if os.environ.get("DIFFPO_DEBUG") or not isinstance(error, MemoryError) and not _OUT_OF_MEMORY.search(str(error)):
+            raise
+        size = re.search(r"allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", str(error))
+        print(f"error: out of memory{f' (allocating {size.group(1)})' if size else ''}: lower the batch size or the "
+              "resolution (data.resolution / train_batch_size, sampling.resolution / sampling.batch_size), or use a "
+              "device with more memory", file=sys.stderr)
+        raise SystemExit(2) from None
     except user_error_types() as error:
         if os.environ.get("DIFFPO_DEBUG"):
             raise

@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from diffpo.ranges import argument
+
 API_KEY_ENV = "DIFFPO_API_KEY"
 
 
@@ -90,18 +92,18 @@ def add_network_arguments(parser, default_port: int, rate_limit: float, rate_bur
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only). Another address, e.g. "
                              "0.0.0.0 (every interface), exposes the server to the network: set an API key then")
-    parser.add_argument("--port", type=int, default=default_port,
+    parser.add_argument("--port", type=argument(int, "[0, 65535]"), default=default_port,
                         help=f"port to listen on (default {default_port}; 0: any free port)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help=f"require this key on every request (Authorization: Bearer KEY or X-API-Key: KEY); "
                              f"default: ${API_KEY_ENV} if set, else no key. Prefer the environment variable: a key "
                              "on the command line is visible to other users of the machine")
-    parser.add_argument("--rate-limit", type=float, default=rate_limit, metavar="PER_MINUTE",
+    parser.add_argument("--rate-limit", type=argument(float, ">= 0"), default=rate_limit, metavar="PER_MINUTE",
                         help=f"requests per minute per client address, past the burst (default {rate_limit:g}; "
                              "0: no limit); beyond it: 429 with Retry-After")
-    parser.add_argument("--rate-burst", type=int, default=rate_burst,
+    parser.add_argument("--rate-burst", type=argument(int, ">= 1"), default=rate_burst,
                         help=f"requests a client may send at once before --rate-limit applies (default {rate_burst})")
-    parser.add_argument("--max-body-bytes", type=int, default=max_body_bytes,
+    parser.add_argument("--max-body-bytes", type=argument(int, ">= 1"), default=max_body_bytes,
                         help=f"largest request body accepted (default {max_body_bytes}); beyond it: 413")
 
 

@@ -28,6 +28,7 @@ from conftest import make_pairs
 from diffpo.cli import main
 
 TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "diffusion_dpo" / "tiny.yaml")
+EVAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "eval" / "tiny.yaml")
 
 
 # ---- bad images and datasets, built in code ---------------------------------------------------
@@ -208,6 +209,13 @@ def _garbage_parquet(c: Ctx) -> str:
     return str(path)
 
 
+def _run_dir(c: Ctx) -> Path:
+    run = c.tmp / "finished"
+    run.mkdir()
+    (run / "config.yaml").write_text("max_steps: 1\n")
+    return run
+
+
 def _under_a_file(c: Ctx) -> list:
     (c.tmp / "afile").write_text("x")
     return c.train(out=c.tmp / "afile" / "run")
@@ -220,6 +228,38 @@ def _read_only(c: Ctx) -> list:
     return c.train(out=folder / "run")
 
 
+def _column_of(c: Ctx, name: str, values: list) -> str:
+    """8 good pairs whose column ``name`` holds ``values`` (a whole column of another type)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = good_rows(8)
+    table = {k: [r[k] for r in rows] for k in rows[0]}
+    table[name] = values
+    path = c.tmp / "typed" / f"{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({k: pa.array(v, type=pa.binary() if k.startswith("jpg") else None) for k, v in table.items()}), path)
+    return str(path)
+
+
+def _twice(c: Ctx) -> Path:
+    path = c.tmp / "twice.yaml"
+    path.write_text("max_steps: 3\nmax_steps: 5\n")
+    return path
+
+
+def _binary_yaml(c: Ctx) -> list:
+    path = c.tmp / "weights.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    return ["train", path]
+
+
+def _resume_past_max_steps(c: Ctx) -> list:
+    code, _, err = run_cli(*c.train("max_steps=2"))
+    assert code == 0, err[-2000:]
+    return c.train("resume_from=latest", "max_steps=1")
+
+
 ROWS = [
     # configuration
     ("unknown key, nested", lambda c: c.train("optim.learning_rate=1e-5"), ["'optim.learning_rate'", "did you mean 'lr'"]),
@@ -229,6 +269,38 @@ ROWS = [
     ("beta zero", lambda c: c.train("objective.beta=0"), ["objective.beta=0.0 must be > 0"]),
     ("beta negative", lambda c: c.train("objective.beta=-5"), ["objective.beta=-5.0 must be > 0"]),
     ("lr negative", lambda c: c.train("optim.lr=-1e-4"), ["optim.lr=-0.0001 must be >= 0"]),
+    ("lr NaN", lambda c: c.train("optim.lr=nan"), ["optim.lr=nan must be a finite number (>= 0)"]),
+    ("lr inf", lambda c: c.train("optim.lr=.inf"), ["optim.lr=inf must be a finite number (>= 0)"]),
+    ("beta NaN", lambda c: c.train("objective.beta=.nan"), ["objective.beta=nan must be a finite number (> 0)"]),
+    ("beta inf", lambda c: c.train("objective.beta=inf"), ["objective.beta=inf must be a finite number (> 0)"]),
+    ("max_grad_norm negative", lambda c: c.train("optim.max_grad_norm=-1"),
+     ["optim.max_grad_norm=-1.0 must be > 0", "null turns clipping off"]),
+    ("adam_beta1 above 1", lambda c: c.train("optim.adam_beta1=1.5"), ["optim.adam_beta1=1.5 must lie in [0, 1)"]),
+    ("checkpoint_every negative", lambda c: c.train("checkpoint_every=-1"), ["checkpoint_every=-1 must be >= 0"]),
+    ("max_pairs zero", lambda c: c.train("data.max_pairs=0"), ["data.max_pairs=0 must be >= 1", "null uses every pair"]),
+    ("resolution far too large for the memory", lambda c: c.train("data.resolution=1000000"),
+     ["data.resolution=1000000 with train_batch_size=4 needs at least", "PB of memory", "lower data.resolution",
+      "check_memory=false"]),
+    ("config file is a folder", lambda c: ["train", c.tmp], ["is a folder, not a YAML file"]),
+    ("config file is a run dir", lambda c: ["train", _run_dir(c)], ["is a folder, not a YAML file: pass", "config.yaml"]),
+    ("config file is a device", lambda c: ["train", "/dev/zero"], ["'/dev/zero' is not a regular file"]),
+    ("config file is binary", _binary_yaml, ["weights.yaml' is not a text YAML file (byte 0x80 at position 128"]),
+    ("empty output_dir", lambda c: c.train(out=""), ["output_dir is empty: name a folder for the run"]),
+    ("a key twice in the YAML", lambda c: ["train", _twice(c)], ["key 'max_steps' appears twice in one section (lines 1 and 2)"]),
+    ("lora.target_modules that match nothing", lambda c: c.train("lora.target_modules=[to_qq]"),
+     ["lora.target_modules=['to_qq']", "not found in the base model", "e.g. [to_q, to_k, to_v, to_out.0]"]),
+    ("online.prompts file missing", lambda c: c.train("method=d3po", f"online.prompts={c.tmp / 'none.txt'}"),
+     ["online.prompts: prompt file", "none.txt' not found", "!prompts.source"]),
+    ("unusable cache.dir", lambda c: ["cache", TINY_CONFIG, f"model.pretrained={c.tiny}", f"data.source={c.good}",
+                                      "cache.dir=/dev/null"], ["cache.dir='/dev/null': '/dev/null' is a file, not a folder"]),
+    ("unknown reward option", lambda c: ["score", "--pairs", c.good, "--reward", "jpeg-compressibility",
+                                         "--reward-option", "jpeg-compressibility.qualty=90", "--out", c.tmp / "s.parquet"],
+     ["reward 'jpeg-compressibility' has no option 'qualty'; did you mean 'quality'?"]),
+    ("eval output_dir is a file", lambda c: ["eval", EVAL_CONFIG, "output_dir=/dev/null"],
+     ["output_dir='/dev/null': '/dev/null' is a file, not a folder"]),
+    ("eval resolution far too large for the memory", lambda c: ["eval", EVAL_CONFIG, f"output_dir={c.tmp / 'e'}",
+                                                                "sampling.resolution=1000000"],
+     ["sampling.resolution=1000000 with sampling.batch_size=", "for the decoded images alone", "check_memory=false"]),
     ("resolution not divisible by VAE factor", lambda c: c.train("data.resolution=33"),
      ["data.resolution=33 is not divisible by the VAE factor 2", "use a multiple of 2"]),
     ("model path does not exist", lambda c: c.train(model=c.tmp / "no-model"),
@@ -253,9 +325,25 @@ ROWS = [
      ["reward 'brightnes' is unknown", "did you mean 'brightness'"]),
     # datasets
     ("dataset does not exist", lambda c: c.train(data=c.tmp / "none.parquet"), ["no parquet files found"]),
+    ("local dataset folder does not exist", lambda c: c.train(data=f"{c.tmp}/no-such-folder/"),
+     ["no-such-folder/' does not exist (no such local file or folder)", "!hf download", "!download"]),
+    ("relative dataset path does not exist", lambda c: c.train(data="data/shards/train"),
+     ["data.source='data/shards/train' does not exist", "!hf download"]),
+    ("captions are numbers", lambda c: c.strict(data=_column_of(c, "caption", list(range(8)))),
+     ["column caption: the caption is not text but int ", "captions must be strings"]),
+    ("captions are lists", lambda c: c.strict(data=_column_of(c, "caption", [["a", "b"]] * 8)),
+     ["the caption is not text but list ['a', 'b']"]),
+    ("labels are booleans", lambda c: c.train(data=_column_of(c, "label_0", [True, False] * 4)),
+     ["column label_0 must hold numbers; row 0 has True (bool)"]),
+    ("image of 1x1 pixels", lambda c: c.strict(data=with_row(c.tmp, jpg_0=png(size=(1, 1)))),
+     ["row 8 column jpg_0: the image is 1x1 pixels, below the 16-pixel minimum side"]),
     ("hub dataset with no network", lambda c: c.train(data="nobody-diffpo/no-such-data"),
      ["dataset 'nobody-diffpo/no-such-data' was not found locally", "--repo-type dataset", "local parquet files"]),
     ("not a parquet file", lambda c: c.train(data=_garbage_parquet(c)), ["broken.parquet: not a readable parquet file"]),
+    ("a parquet file read as JSON lines", lambda c: c.train("data.format=jsonl"),
+     ["is a parquet file, but data.format=jsonl reads JSON lines: set data.format=auto"]),
+    ("image column holding captions", lambda c: c.strict("data.image_0_column=caption", data=c.good),
+     ["column caption: holds text (", "not an image or an image file: check data.image_0_column"]),
     ("missing column", lambda c: c.train("data.caption_column=prompt"),
      ["missing column(s) ['prompt']", "set data.image_0_column / image_1_column / label_column / caption_column"]),
     ("empty parquet", lambda c: c.train(data=_empty_parquet(c)), ["the dataset is empty"]),
@@ -268,7 +356,7 @@ ROWS = [
     ("label not a number", lambda c: c.train(data=write_rows(c.tmp / "d" / "s.parquet",
                                                              [dict(r, label_0=str(r["label_0"])) for r in good_rows(3)]
                                                              + [dict(good_rows(1)[0], label_0="left")])),
-     ["column label_0 must hold numbers", "row 3 has 'left'"]),
+     ["column label_0 must hold numbers", "row 0 has '0.0' (text)", "store it as a number column"]),
     ("manifest line not UTF-8", lambda c: c.train(data=_jsonl(c, [GOOD_LINE, GOOD_LINE.replace(b"red", b"r\xffd")])),
      ["line 2 is not valid UTF-8 (byte 0xff", "diffpo data check"]),
     ("manifest line not JSON", lambda c: c.train(data=_jsonl(c, [GOOD_LINE, GOOD_LINE[:30]])),
@@ -297,6 +385,10 @@ ROWS = [
                                                       "set cache.dir to the cache root"]),
     ("resume from a different config", _resume_other_config,
      ["was saved by a run with a different config (lora.rank: 8 there, 4 here", "resume_from=latest"]),
+    ("resume a checkpoint past max_steps", _resume_past_max_steps,
+     ["checkpoints/step-2' is at step 2, past max_steps=1", "set max_steps >= 2", "new output_dir"]),
+    ("data check report over its dataset", lambda c: ["data", "check", c.good, "--out", c.good],
+     ["--out", "is the dataset file", "pass another --out"]),
     ("output dir under a file", _under_a_file, ["afile' is a file, not a folder", "choose another output_dir"]),
     pytest.param(_read_only, ["is not writable (Permission denied)"], id="read-only output dir",
                  marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")),
@@ -314,7 +406,10 @@ def test_bad_input_is_a_one_line_error(ctx, build, expected, monkeypatch):
     line = error_line(err)
     assert code == 2
     for fragment in expected:
-        assert fragment in line, line
+        if fragment.startswith("!"):  # must not be said
+            assert fragment[1:] not in line, line
+        else:
+            assert fragment in line, line
 
 
 # ---- unusual images are converted, not refused ------------------------------------------------
@@ -540,3 +635,121 @@ def test_a_write_that_hits_a_limit_is_one_line_naming_the_output(ctx):
     assert result.returncode == 2
     line = error_line(result.stderr)
     assert "file too large" in line and f"while writing '{ctx.tmp / 'run'}'" in line and "resume_from=latest" in line
+
+
+# ---- a failing run leaves an earlier run's files as they were ----------------------------------
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def test_a_failing_rerun_into_a_finished_run_dir_changes_nothing_there(ctx):
+    code, _, err = run_cli(*ctx.train("max_steps=2", "checkpoint_every=1", "log_every=1"))
+    assert code == 0, err[-2000:]
+    run = ctx.tmp / "run"
+    before = _files(run)
+    assert set(before) == {"config.yaml", "metrics.jsonl", "bad_samples.jsonl"}
+    truncated = ctx.tmp / "truncated.parquet"
+    truncated.write_bytes(Path(ctx.good).read_bytes()[:2000])
+    # a fresh start on unreadable data, a resume on unreadable data, and a first step that is NaN
+    for args in (ctx.train(data=truncated), ctx.train("resume_from=latest", "max_steps=3", data=truncated),
+                 ctx.train("objective.beta=1e30")):
+        code, _, err = run_cli(*args)
+        assert code == 2, err[-2000:]
+        assert _files(run) == before, error_line(err)
+    # the NaN stop names no checkpoint of the earlier run as this run's last good one
+    assert "last good checkpoint: none yet" in error_line(err)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    # a good rerun still starts (and only then replaces the files)
+    code, _, err = run_cli(*ctx.train("max_steps=1", "log_every=1"))
+    assert code == 0, err[-2000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_resumed_run_that_stops_on_nan_names_the_checkpoint_it_resumed_from(ctx):
+    code, _, err = run_cli(*ctx.train("max_steps=2", "checkpoint_every=1"))
+    assert code == 0, err[-2000:]
+    code, _, err = run_cli(*ctx.train("resume_from=latest", "max_steps=4", "objective.beta=1e30"))
+    assert code == 2
+    assert f"last good checkpoint: {ctx.tmp / 'run' / 'checkpoints' / 'step-2'}" in error_line(err)
+
+
+def test_the_same_data_file_relative_then_absolute_resumes(ctx, monkeypatch):
+    """The run dir keeps local input paths absolute, so a resume from another folder, with the
+    path written another way, is the same config."""
+    data = ctx.tmp / "work" / "data" / "pairs.parquet"
+    data.parent.mkdir(parents=True)
+    shutil.copy(ctx.good, data)
+    monkeypatch.chdir(ctx.tmp / "work")
+    code, _, err = run_cli(*ctx.train("max_steps=1", data="data/pairs.parquet"))
+    assert code == 0, err[-2000:]
+    monkeypatch.chdir(ctx.tmp)
+    code, out, err = run_cli(*ctx.train("resume_from=latest", "max_steps=2", data=data))
+    assert code == 0, err[-2000:]
+    assert "resumed from" in out and "data.source" not in out  # not even a note: the same file
+    code, _, err = run_cli("train", ctx.tmp / "run" / "config.yaml", "resume_from=latest", "max_steps=3")
+    assert code == 0, err[-2000:]
+
+
+# ---- no command writes over its inputs ----------------------------------------------------------
+
+
+def test_no_command_writes_over_its_own_inputs(ctx, monkeypatch):
+    data = ctx.tmp / "d" / "pairs.parquet"
+    data.parent.mkdir()
+    shutil.copy(ctx.good, data)
+    original = data.read_bytes()
+    monkeypatch.chdir(ctx.tmp)
+    images = ctx.tmp / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    (images / "prompts.txt").write_text("a black square\n")
+    cases = [
+        (["data", "check", "d/pairs.parquet", "--out", data], "is the dataset file"),  # relative vs absolute
+        (["data", "check", data, "--out", "./d/../d/pairs.parquet"], "is the dataset file"),
+        (["data", "check", "d", "--out", "d/report.parquet"], "lies inside the dataset folder"),
+        (["data", "top-k", "--source", data, "--reward", "brightness", "--k", "1", "--out", "d/pairs.parquet"],
+         "is the --source file"),
+        (["score", "--images", images, "--prompts", images / "prompts.txt", "--reward", "brightness", "--out",
+          "images/prompts.txt"], "is the --prompts file"),
+        (["score", "--pairs", data, "--reward", "brightness", "--out", "d/pairs.parquet"], "is the input file"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(*args)
+        assert code == 2 and message in error_line(err), (args, err[-1000:])
+    assert data.read_bytes() == original and (images / "prompts.txt").read_text() == "a black square\n"
+
+
+# ---- the same type rules in training and in diffpo data check -----------------------------------
+
+
+def test_data_check_applies_the_training_type_rules(ctx):
+    rows = good_rows(6)
+    rows[1]["jpg_1"] = png(size=(8, 40))
+    for row in rows:  # labels as text ('0.0', '1.0'): a CSV export's mistake
+        row["label_0"] = str(row["label_0"])
+    data = write_rows(ctx.tmp / "mixed.parquet", rows)
+    ints = _column_of(ctx, "caption", list(range(8)))
+    code, _, _ = run_cli("data", "check", data, "--out", ctx.tmp / "m.json", "--no-progress")
+    report = json.loads((ctx.tmp / "m.json").read_text())
+    assert code == 1 and report["problem_counts"] == {"bad_label": 6, "too_small_image": 1}
+    (small,) = [p for p in report["problems"] if p["kind"] == "too_small_image"]
+    assert "row 1 column jpg_1: the image is 8x40 pixels, below the 16-pixel minimum side" in small["message"]
+    assert "row 0: label_0='0.0' is text, not a number" in report["problems"][0]["message"]
+    code, _, _ = run_cli("data", "check", ints, "--out", ctx.tmp / "i.json", "--no-progress")
+    report = json.loads((ctx.tmp / "i.json").read_text())
+    assert code == 1 and report["problem_counts"] == {"caption_not_text": 8} and report["usable_pairs"] == 0
+
+
+def test_command_line_numbers_are_range_checked(capsys):
+    for args, message in ((["data", "check", "x.parquet", "--max-rows", "-5"], "argument --max-rows: must be >= 1, got -5"),
+                          (["data", "check", "x.parquet", "--max-rows", "0"], "must be >= 1, got 0"),
+                          (["score", "--pairs", "x.parquet", "--reward", "clip", "--batch-size", "0"],
+                           "argument --batch-size: must be >= 1, got 0"),
+                          (["data", "top-k", "--source", "x", "--reward", "clip", "--k", "-1", "--out", "o.parquet"],
+                           "argument --k: must be >= 1, got -1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err

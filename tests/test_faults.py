@@ -547,3 +547,77 @@ def test_a_run_dir_holds_no_pickle(tmp_path, straight):
                 assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
             else:
                 path.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: one line, exit 130 / 143, and the resume it names is exact
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_says_where_it_stopped_and_the_resume_it_names_is_exact(tmp_path, pairs8, straight, signum):
+    import shlex
+
+    run_dir, log = tmp_path / "run", tmp_path / "victim.log"
+    victim = subprocess.Popen([sys.executable, "-m", "diffpo", "train", str(TINY), f"data.source={pairs8}",
+                               f"output_dir={run_dir}", *OFFLINE, "checkpoint_every=3"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    deadline = time.time() + 300
+    while logged_steps(run_dir) < 4 and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signum)
+    _, stderr = victim.communicate(timeout=120)
+    assert victim.returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert line.startswith(f"interrupted by {signal.Signals(signum).name}: diffpo train stopped after step ")
+    saved = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+    assert f"the last checkpoint is {run_dir / 'checkpoints' / f'step-{saved}'} (step {saved})" in line
+    command = line.split("`")[1]
+    assert command == f"diffpo train {run_dir / 'config.yaml'} resume_from=latest"
+    result = diffpo(*shlex.split(command)[1:])
+    assert result.returncode == 0, result.stderr[-2000:]
+    final_a = load_file(straight / "final" / "pytorch_lora_weights.safetensors")
+    final_b = load_file(run_dir / "final" / "pytorch_lora_weights.safetensors")
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert [(m["step"], m["loss"]) for m in metrics(run_dir)] == [(m["step"], m["loss"]) for m in metrics(straight.done())]
+
+
+def test_sigterm_in_a_command_without_checkpoints_is_one_line_naming_the_rerun(tmp_path, pairs8, monkeypatch, capsys):
+    """In process, through ``diffpo.cli.main``: the handler is the CLI's, and it is put back after."""
+    import os
+
+    from diffpo.cli import main
+
+    def slow_check(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal ends the sleep at once
+        raise AssertionError("not interrupted")
+
+    monkeypatch.setattr("diffpo.data.check.check_dataset", slow_check)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "check", pairs8, "--out", str(tmp_path / "r.json")])
+    assert exit_.value.code == 143
+    err = capsys.readouterr().err
+    assert err.strip() == (f"interrupted by SIGTERM: diffpo data check stopped before it finished; nothing to resume: "
+                           f"rerun `diffpo data check {pairs8} --out {tmp_path / 'r.json'}` to start again")
+    assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "r.json").exists()
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, pairs8, monkeypatch, capsys):
+    from diffpo.cli import main
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("diffpo.trainers.run_training", interrupted)
+    args = ["train", str(TINY), f"data.source={pairs8}", f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted by SIGINT: diffpo train stopped before its first logged step, before its first "
+                          "checkpoint: nothing to resume; start again with `diffpo train ")
+    assert f"output_dir={tmp_path / 'run'}`" in err

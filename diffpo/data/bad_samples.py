@@ -38,8 +38,10 @@ class BadSampleLog:
                     record = json.loads(line)
                     if 0 <= record.get("micro_step", -1) < start_micro_step:
                         kept.append(record)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
             self.rows = {r["row"] for r in kept}
+        # rewritten at the first flush (the run has started by then), so a run that fails while it
+        # sets up leaves an earlier run's file as it was
+        self.kept: list[dict] | None = kept if accelerator.is_main_process else None
 
     @property
     def count(self) -> int:
@@ -64,6 +66,9 @@ class BadSampleLog:
             if record["row"] not in self.rows:
                 self.rows.add(record["row"])
                 fresh.append(record)
-        if fresh:
+        if self.kept is not None:
+            kept, self.kept = self.kept, None
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept + fresh), encoding="utf-8")
+        elif fresh:
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write("".join(json.dumps(r) + "\n" for r in fresh))

@@ -118,7 +118,12 @@ def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: 
         check_not_stale(folder, content)
         return folder
     if process_index == 0:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            from diffpo.trainers.preflight import output_dir_error
+
+            raise output_dir_error(Path(cache_root), error, key="cache.dir") from None
     wait_for_everyone()
     store = DTYPES[dtype]
     views = dataset.flip != "none"

@@ -3,8 +3,10 @@
 Training stops at the first dataset-level problem and skips (or stops at) bad samples one by one;
 this reads the whole dataset once and lists them all: unreadable files and JSONL lines, missing
 columns, an empty dataset, all pairs ties, labels outside {0, 0.5, 1}, corrupt or truncated or
-oversized images, unreadable video clips and clips with fewer than ``data.num_frames`` frames,
-empty or non-UTF-8 captions, non-numeric scores. Images that training converts
+oversized images, images under ``MIN_IMAGE_SIDE`` pixels a side, unreadable video clips and clips
+with fewer than ``data.num_frames`` frames, empty, non-UTF-8 or non-text captions, labels and
+scores that are not numbers (text such as '1' included), by the rules training applies
+(``images.read_image``, ``images.caption_text``, ``pairs.as_number``). Images that training converts
 (grayscale, RGBA, CMYK, 16-bit, ...) or decodes at a reduced scale are counted, not reported as
 problems. The report (JSON) holds every problem with its row (and parquet file) or JSONL line.
 """
@@ -12,6 +14,7 @@ problems. The report (JSON) holds every problem with its row (and parquet file) 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,11 +22,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from diffpo.data.images import BadSampleError, caption_text, read_image
+from diffpo.data.images import MIN_IMAGE_SIDE, BadSampleError, caption_text, read_image
 from diffpo.data.videos import decode_video
 from diffpo.data.pairs import (
     VALID_LABELS,
     DataError,
+    as_number,
     detect_format,
     jsonl_lines,
     load_table,
@@ -152,12 +156,10 @@ def _needed_columns(data, winners_only: bool, columns: list[str]) -> list[str]:
     return needed + list(data.score_columns or ())
 
 
-def _number(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number == number else None  # NaN is not a usable number
+def _number(value, allow_bool: bool = False) -> float | None:
+    """A usable number by training's rule (``pairs.as_number``); NaN is not usable."""
+    number = as_number(value, allow_bool)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def check_dataset(data, winners_only: bool = False, max_rows: int | None = None, images: bool = True,
@@ -174,6 +176,11 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
         if not os.path.isfile(source):
             report.add("unreadable", f"manifest {source!r} does not exist")
             return report
+        with open(source, "rb") as handle:
+            if handle.read(4) == b"PAR1":
+                report.add("unreadable", f"{source!r} is a parquet file, but format=jsonl reads JSON lines: set "
+                           "format=auto (or parquet)")
+                return report
         rows = _rows_of_jsonl(source, report)
         columns = sorted({key for _, _, record in rows for key in record})
         total = len(rows)
@@ -216,8 +223,9 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
         if paired and data.label_column in present:
             label = _number(record.get(data.label_column))
             if label is None or label not in VALID_LABELS:
-                report.add("bad_label", f"{where}: {data.label_column}={record.get(data.label_column)!r} is not "
-                           "0, 0.5 or 1", row, where)
+                value = record.get(data.label_column)
+                what = "is text, not a number (0, 0.5 or 1)" if isinstance(value, str) else "is not 0, 0.5 or 1"
+                report.add("bad_label", f"{where}: {data.label_column}={value!r} {what}", row, where)
                 bad = True
             else:
                 labels_seen += 1
@@ -225,7 +233,7 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
                     report.ties += 1
                     bad = bad or not data.keep_ties
         if data.feedback_column in present:
-            if _number(record.get(data.feedback_column)) not in (0.0, 1.0):
+            if _number(record.get(data.feedback_column), allow_bool=True) not in (0.0, 1.0):
                 report.add("bad_feedback", f"{where}: {data.feedback_column}={record.get(data.feedback_column)!r} "
                            "is not 0 or 1", row, where)
                 bad = True
@@ -238,7 +246,8 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
                 caption_text(record.get(data.caption_column), f"{where} column {data.caption_column}",
                              data.allow_empty_captions)
             except BadSampleError as error:
-                kind = "caption_not_utf8" if "UTF-8" in str(error) else "empty_caption"
+                kind = ("caption_not_utf8" if "UTF-8" in str(error) else
+                        "caption_not_text" if "not text" in str(error) else "empty_caption")
                 report.add(kind, str(error), row, where)
                 bad = True
         if images and data.num_frames is not None:  # video clips: every frame readable, enough of them
@@ -254,9 +263,10 @@ def check_dataset(data, winners_only: bool = False, max_rows: int | None = None,
             for column in image_columns:
                 try:
                     decoded = read_image(record.get(column), base_dir, where=f"{where} column {column}",
-                                         min_side=data.resolution or 512)
+                                         min_side=data.resolution or 512, min_size=MIN_IMAGE_SIDE)
                 except BadSampleError as error:
-                    report.add("corrupt_image", str(error), row, where)
+                    kind = "too_small_image" if "-pixel minimum side" in str(error) else "corrupt_image"
+                    report.add(kind, str(error), row, where)
                     bad = True
                     continue
                 if decoded.mode != "RGB":

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+MIN_IMAGE_SIDE = 16  # training data: an image with a shorter side below this is a bad sample (nothing to learn from)
 MAX_PIXELS = 64_000_000  # decoded pixels one image may occupy (~256 MB as RGBA); larger ones are refused, not loaded
 DRAFT_PIXELS = 16_000_000  # JPEGs above this are decoded at a reduced scale; smaller ones exactly as stored
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -58,6 +59,9 @@ def _open(value, base_dir: Path | None, where: str) -> Image.Image:
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if not path.is_file():
+            if " " in value.strip() and not value.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")):
+                raise BadSampleError(f"{where}: holds text ({value[:40]!r}), not an image or an image file: check "
+                                     "data.image_0_column / image_1_column")
             raise BadSampleError(f"{where}: image file {str(path)!r} does not exist")
         return Image.open(path)
     if value is None:
@@ -66,14 +70,15 @@ def _open(value, base_dir: Path | None, where: str) -> Image.Image:
 
 
 def read_image(value, base_dir: Path | None = None, where: str = "image", min_side: int | None = None,
-               max_pixels: int = MAX_PIXELS) -> DecodedImage:
+               max_pixels: int = MAX_PIXELS, min_size: int | None = None) -> DecodedImage:
     """An RGB image from encoded bytes, a ``datasets`` Image dict, a PIL image or a file path.
 
     ``min_side``: the shorter side the caller will resize to; a JPEG over ``DRAFT_PIXELS`` is
     decoded at the smallest DCT scale that keeps its shorter side at least twice this long (room
     for the antialiased resize; smaller images decode exactly as stored). Grayscale, palette, RGBA (composited
     on white), CMYK and 16-bit images are converted to RGB. Raises ``BadSampleError`` naming
-    ``where`` for anything unreadable, truncated or larger than ``max_pixels``.
+    ``where`` for anything unreadable, truncated or larger than ``max_pixels``, or (``min_size``:
+    training data, ``MIN_IMAGE_SIDE``) with a shorter side below ``min_size`` pixels.
     """
     try:
         with warnings.catch_warnings():  # PIL warns from 89 MP on; the limit below decides instead
@@ -88,6 +93,9 @@ def read_image(value, base_dir: Path | None = None, where: str = "image", min_si
             raise BadSampleError(
                 f"{where}: {width}x{height} pixels exceeds the {max_pixels}-pixel limit (a decompression bomb or an "
                 "unusually large scan): downscale it or drop the sample")
+        if min_size and min(width, height) < min_size:
+            raise BadSampleError(f"{where}: the image is {width}x{height} pixels, below the {min_size}-pixel minimum "
+                                 "side of training images: drop the sample or replace the image")
         reduced = image.size != (width, height)
         image.load()
         # after load: a PNG's getexif() decodes the image to look for EXIF behind the pixel data
@@ -167,7 +175,12 @@ def caption_text(value, where: str = "caption", allow_empty: bool = False) -> st
             return ""
         raise BadSampleError(f"{where}: the caption is missing (null); set data.allow_empty_captions=true if "
                              "that is meant (unconditional samples)")
-    text = str(value)
+    if not isinstance(value, str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise BadSampleError(f"{where}: the caption is not text but {type(value).__name__} {shown}: captions must be "
+                             "strings; fix the column or set data.caption_column to the text column")
+    text = value
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates, e.g. JSON "\udcff" from bytes decoded with surrogateescape

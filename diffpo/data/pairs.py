@@ -11,13 +11,15 @@ set the two "images" are videos (GIF/MP4 files, frame folders, encoded bytes or 
 from __future__ import annotations
 
 import glob
+import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffpo.data.images import BadSampleError, caption_text, read_image, resize_and_crop, resized_shape
+from diffpo.data.images import MIN_IMAGE_SIDE, BadSampleError, caption_text, read_image, resize_and_crop, resized_shape
 from diffpo.data.videos import decode_video
 
 VALID_LABELS = (0.0, 0.5, 1.0)
@@ -27,18 +29,30 @@ class DataError(ValueError):
     """A dataset problem (missing column, no pairs left); the message says what to change."""
 
 
-def numeric_column(table, column: str) -> np.ndarray:
+def as_number(value, allow_bool: bool = False) -> float | None:
+    """``value`` as a float when it is a number (int, float, numpy number; NaN included), else None:
+    text such as ``'1'``, lists and null are not numbers, nor booleans unless ``allow_bool`` (binary
+    feedback: a thumbs-up column). Training and ``diffpo data check`` judge labels, feedback and
+    scores by this one rule."""
+    if isinstance(value, (bool, np.bool_)):
+        return float(value) if allow_bool else None
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value)
+
+
+def numeric_column(table, column: str, allow_bool: bool = False) -> np.ndarray:
     """A column as float64 (null -> NaN); DataError naming the first row that is not a number."""
     values = table[column]
-    try:
-        return np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        for row, value in enumerate(values):
-            try:
-                float(value)
-            except (TypeError, ValueError):
-                raise DataError(f"column {column} must hold numbers; row {row} has {value!r}") from None
-        raise
+    numbers = []
+    for row, value in enumerate(values):
+        number = as_number(value, allow_bool) if value is not None else math.nan
+        if number is None:
+            kind = "text" if isinstance(value, str) else type(value).__name__
+            raise DataError(f"column {column} must hold numbers; row {row} has {value!r} ({kind}): store it as a "
+                            "number column (0, 0.5 or 1 for labels)")
+        numbers.append(number)
+    return np.asarray(numbers, dtype=np.float64)
 
 
 def detect_format(source: str) -> str:
@@ -47,6 +61,18 @@ def detect_format(source: str) -> str:
     if source.endswith(".parquet") or os.path.isdir(source) or any(ch in source for ch in "*?["):
         return "parquet"
     return "hub"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "org/name"
+
+
+def looks_local(source: str) -> bool:
+    """True when ``source`` can only mean a local path: absolute, ``./``, ``~``, a trailing slash,
+    deeper than ``org/name``, or its first part is an existing local folder. A hub id is
+    ``name`` or ``org/name``."""
+    first = source.split("/", 1)[0]
+    return (not _HUB_ID.match(source) or source.startswith(("/", "./", "../", "~")) or source.endswith("/")
+            or ("/" in source and os.path.isdir(first)))
 
 
 def _root_cause(error: BaseException) -> str:
@@ -149,6 +175,10 @@ def load_table(source: str, fmt: str = "auto", split: str = "train"):
     if fmt == "jsonl":
         if not os.path.isfile(source):
             raise DataError(f"data.source={source!r}: manifest file does not exist")
+        with open(source, "rb") as handle:
+            if handle.read(4) == b"PAR1":
+                raise DataError(f"data.source={source!r} is a parquet file, but data.format=jsonl reads JSON lines: "
+                                "set data.format=auto (or parquet)")
         if _jsonl_is_empty(source):
             raise DataError(f"data.source={source!r}: the dataset is empty (no JSON lines)")
         # checked by hand first: the JSON reader may replace bytes that are not UTF-8 without a word
@@ -163,6 +193,9 @@ def load_table(source: str, fmt: str = "auto", split: str = "train"):
         except Exception as error:
             raise DataError(f"data.source={source!r}: could not read it as JSON lines ({_root_cause(error)}); "
                             "every line must be an object with the same column types") from None
+    if looks_local(source):
+        raise DataError(f"data.source={source!r} does not exist (no such local file or folder): check the path; "
+                        "a parquet file/folder/glob, a .jsonl manifest, or a datasets hub id like 'org/name'")
     try:
         return undecoded_images(datasets.load_dataset(source, split=split))
     except Exception as error:
@@ -228,7 +261,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         labels = np.ones(len(table)) if plain else numeric_column(table, label_column)
         self.feedback = None
         if feedback_column is not None:
-            self.feedback = numeric_column(table, feedback_column)
+            self.feedback = numeric_column(table, feedback_column, allow_bool=True)  # true/false: 1/0
             bad = ~np.isin(self.feedback, (0.0, 1.0))
             if bad.any():
                 raise DataError(f"{feedback_column} must be 1 (desirable) or 0 (undesirable); row {int(np.argmax(bad))} "
@@ -316,7 +349,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         for name, column, flip in sides:
             where = f"row {row} column {column}"
             if self.num_frames is None:
-                decoded = read_image(record[column], self.base_dir, where=where, min_side=self.resolution)
+                decoded = read_image(record[column], self.base_dir, where=where, min_side=self.resolution,
+                                     min_size=MIN_IMAGE_SIDE)
                 frames, original_size = [decoded.image], decoded.original_size
             else:
                 frames = decode_video(record[column], self.base_dir, where, self.num_frames, self.frame_stride)
@@ -339,10 +373,9 @@ class PreferencePairs(torch.utils.data.Dataset):
 
 
 def _score(value, where: str) -> float:
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise BadSampleError(f"{where}: the score {value!r} is not a number") from None
+    score = as_number(value)
+    if score is None:
+        raise BadSampleError(f"{where}: the score {value!r} is not a number")
     if not np.isfinite(score):
         raise BadSampleError(f"{where}: the score is {score}")
     return score

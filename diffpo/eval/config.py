@@ -160,6 +160,7 @@ class EvalConfig:
     device: str = "cpu"  # e.g. cuda, cuda:1, mps: generation and learned reward heads
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     progress_bar: bool = True
+    check_memory: bool = True  # refuse a resolution x batch whose images cannot fit in memory (diffpo/memory.py)
     models: list[EvalModelConfig] = field(default_factory=list)
     prompts: PromptSetConfig = field(default_factory=PromptSetConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -167,6 +168,8 @@ class EvalConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self):
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty: name a folder for the report (e.g. output_dir=runs/eval)")
         if not self.models:
             raise ConfigError("models is empty: list at least one model (the first is the baseline)")
         names = [m.name for m in self.models]

@@ -17,6 +17,7 @@ from diffpo.eval.generation import GenerationBackend, claim_sample_folder, gener
 from diffpo.eval.prompts import load_prompts
 from diffpo.eval.report import ReportOptions, write_report
 from diffpo.eval.scoring import TEMPORAL, load_heads, score_samples
+from diffpo.memory import check_generation_memory
 
 # (model entry, its sampling settings, device, dtype) -> a backend; default: diffusers text-to-image
 BackendBuilder = Callable[[EvalModelConfig, SamplingConfig, str, str], GenerationBackend]
@@ -46,18 +47,25 @@ def run_eval(config: EvalConfig, build_backend: BackendBuilder | None = None) ->
     started = time.time()
     build_backend = build_backend or diffusers_backend
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
 
-    # fail fast: prompts, model paths and reward heads before any generation
+    # fail fast: prompts, model paths, memory and reward heads before any generation, and before an
+    # earlier report's config.yaml in output_dir is replaced
     prompts = load_prompts(config.prompts)
     if build_backend is diffusers_backend:
         from diffpo.eval.backends import resolve_model
 
         for entry in config.models:
             resolve_model(entry)
+    check_generation_memory(config)
     heads = load_heads(config)
     consistency, embed = _consistency_embedder(config, heads)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        from diffpo.trainers.preflight import output_dir_error
+
+        raise output_dir_error(out, error) from None
+    save_config(config, out / "config.yaml")
 
     samples, generation, counts = [], {}, {}
     for entry in config.models:

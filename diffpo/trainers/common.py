@@ -14,28 +14,68 @@ import numpy as np
 import torch
 
 from diffpo.config import ConfigError, save_config
+from diffpo.errors import one_line
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
 
 
+PENDING_CONFIG = ".config.yaml.pending"  # the new run's config until the run starts (RunFiles.start)
+RUN_FILES = "diffpo_run_files"  # the attribute of a run's Accelerator that holds its RunFiles
+
+
 def prepare_run_dir(config, is_main: bool) -> Path:
-    """Create the run folder and write the resolved config (``diffpo train RUN/config.yaml`` reruns it)."""
-    from diffpo.trainers.preflight import check_resume_config, output_dir_error
+    """Check that the run folder can hold this run and stage its resolved config there, without
+    touching what an earlier run left in it: ``config.yaml`` is replaced (and a fresh run's
+    ``metrics.jsonl`` removed) only when the run starts writing (``RunFiles.start``), after its
+    config, model, data and checkpoint have loaded. ``diffpo train RUN/config.yaml`` reruns it."""
+    import tempfile
+
+    from diffpo.trainers.preflight import check_resume_config, output_dir_error, resolved_inputs
 
     run_dir = Path(config.output_dir)
-    # before config.yaml, the saved run's config, is overwritten (main only: the others would race that write;
-    # a launcher stops them when the main process fails)
+    # main only: the others would race these writes; a launcher stops them when the main process fails
     changed = check_resume_config(config, run_dir) if is_main else []
     if is_main:
         if changed:
             print(f"note: resuming with changed settings: {'; '.join(changed)}")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run_dir / "config.yaml")
+            with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+                pass
+            saved = resolved_inputs(config) if hasattr(config, "data") else config
+            save_config(saved, run_dir / PENDING_CONFIG)
         except OSError as error:
             raise output_dir_error(run_dir, error) from None
     return run_dir
+
+
+class RunFiles:
+    """What a run owns in its run dir. ``start`` (once, at the run's first metrics line or
+    checkpoint) moves the staged config onto ``config.yaml`` and lets a fresh run begin a new
+    ``metrics.jsonl``; until then a failing run leaves an earlier run's files as they were.
+    ``checkpoint``: the last checkpoint this run resumed from or saved (None: none yet), the one a
+    NaN message or an interruption names."""
+
+    def __init__(self, run_dir: Path, is_main: bool, fresh: bool, checkpoint: Path | None = None):
+        self.run_dir, self.is_main, self.fresh, self.checkpoint = Path(run_dir), is_main, fresh, checkpoint
+        self.started = False
+
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        if not self.is_main:
+            return
+        pending = self.run_dir / PENDING_CONFIG
+        if pending.is_file():
+            os.replace(pending, self.run_dir / "config.yaml")
+        if self.fresh:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def run_files(accelerator) -> RunFiles | None:
+    return getattr(accelerator, RUN_FILES, None)
 
 
 def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
@@ -191,6 +231,9 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None,
     from diffpo.serialization import fsync_tree
     from diffpo.trainers.training_state import save_training_state
 
+    run = run_files(accelerator)
+    if run is not None:
+        run.start()
     root = run_dir / "checkpoints"
     name = f"{CHECKPOINT_PREFIX}{state['global_step']}"
     final, tmp, old = root / name, root / f"{TMP_PREFIX}{name}", root / f"{OLD_PREFIX}{name}"
@@ -218,14 +261,16 @@ def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None,
             for stale in checkpoint_dirs(run_dir)[:-keep]:
                 shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+    if run is not None:
+        run.checkpoint = final
     return final
 
 
 class MetricsLog:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and to accelerate trackers."""
 
-    def __init__(self, accelerator, path: Path):
-        self.accelerator, self.path = accelerator, path
+    def __init__(self, accelerator, path: Path, run: RunFiles | None = None):
+        self.accelerator, self.path, self.run = accelerator, path, run
         self.last_time, self.pairs_since = time.time(), 0
 
     def count(self, pairs: int) -> None:
@@ -236,6 +281,8 @@ class MetricsLog:
         record = {"step": step, **{k: (float(v) if not isinstance(v, str) else v) for k, v in values.items()}}
         record["pairs_per_s"] = self.pairs_since * self.accelerator.num_processes / max(now - self.last_time, 1e-9)
         self.last_time, self.pairs_since = now, 0
+        if self.run is not None:
+            self.run.start()
         if self.accelerator.is_main_process:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -243,14 +290,15 @@ class MetricsLog:
         return record
 
 
-def check_finite(loss: torch.Tensor | float, step: int, captions: list[str], run_dir: Path) -> None:
+def check_finite(loss: torch.Tensor | float, step: int, captions: list[str], run_dir: Path, accelerator=None) -> None:
     """Stop on a NaN/inf loss (loops without ``on_nonfinite`` use this; see trainers.nonfinite). A
     tensor is read on the host: call it where a sync is acceptable."""
     from diffpo.trainers.nonfinite import nonfinite_message
 
     value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
-        raise FloatingPointError(nonfinite_message("loss", value, step, captions, run_dir, skip_hint=False))
+        raise FloatingPointError(nonfinite_message("loss", value, step, captions, run_dir, skip_hint=False,
+                                                   accelerator=accelerator))
 
 
 def make_accelerator(config, gradient_accumulation_steps: int):
@@ -303,8 +351,14 @@ def load_policy(config, accelerator, weight_dtype):
         if not stack.family.supports_lora:
             raise ConfigError(f"{stack.family.unet_class_name} ({stack.family.pipeline_class_name}) has no peft adapter "
                               "support in diffusers, so its pipeline cannot load a LoRA: set finetune=full")
-        params = attach_lora(unet, config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules,
-                             config.lora.part, stack.family)
+        try:
+            params = attach_lora(unet, config.lora.rank, config.lora.alpha, config.lora.dropout,
+                                 config.lora.target_modules, config.lora.part, stack.family)
+        except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+            if "arget modules" not in str(error):
+                raise
+            raise ConfigError(f"lora.target_modules={config.lora.target_modules}: {one_line(error)} Name layers of "
+                              "the denoiser, e.g. [to_q, to_k, to_v, to_out.0]") from None
         cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
     else:
         unet.to(dtype=torch.float32).requires_grad_(True)
@@ -423,7 +477,8 @@ def checkpoint_extra(run_dir: Path, resume_from: str | None, name: str) -> dict[
 def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict,
            lr_schedule=None) -> tuple[dict, MetricsLog]:
     """Load the checkpoint ``resume_from`` names (if any) into the accelerator and ``state`` (the
-    loop's counters); a fresh run starts a new ``metrics.jsonl``. Metrics logged after the
+    loop's counters); a fresh run starts a new ``metrics.jsonl`` when it first writes
+    (``RunFiles``). Metrics logged after the
     checkpoint by the run that died are dropped, so the resumed log reads like an uninterrupted
     one. Returns (state, metrics log).
 
@@ -448,14 +503,16 @@ def resume(accelerator, run_dir: Path, resume_from: str | None, state: dict,
             schedule = getattr(lr_schedule, "scheduler", lr_schedule)
             schedule.last_epoch = state["global_step"] * accelerator.num_processes - 1
             schedule.step()  # recomputes every group's lr at the new position
-        if accelerator.is_main_process:
-            truncate_metrics(metrics, state["global_step"])
         accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}"
                           + (f" (saved by {saved_processes} processes)" if saved_processes != accelerator.num_processes else ""))
-    elif accelerator.is_main_process:
-        metrics.unlink(missing_ok=True)
+    run = RunFiles(run_dir, accelerator.is_main_process, fresh=checkpoint is None, checkpoint=checkpoint)
+    if checkpoint is not None:
+        run.start()  # the run resumes: its config and metrics log go on from the checkpoint
+        if accelerator.is_main_process:
+            truncate_metrics(metrics, state["global_step"])
+    setattr(accelerator, RUN_FILES, run)  # save_checkpoint and the NaN guard of this run find it there
     accelerator.wait_for_everyone()
-    return state, MetricsLog(accelerator, metrics)
+    return state, MetricsLog(accelerator, metrics, run)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

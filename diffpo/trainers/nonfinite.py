@@ -30,16 +30,22 @@ from pathlib import Path
 import torch
 
 
-def last_checkpoint(run_dir: Path) -> str:
-    from diffpo.trainers.common import checkpoint_dirs
+def last_checkpoint(run_dir: Path, accelerator=None) -> str:
+    """The last checkpoint of this run: the one it resumed from or saved last (never one an earlier
+    run left in the same folder); without the run's accelerator, the newest in ``run_dir``."""
+    from diffpo.trainers.common import checkpoint_dirs, run_files
 
+    run = run_files(accelerator) if accelerator is not None else None
+    if run is not None:
+        return str(run.checkpoint) if run.checkpoint is not None else "none yet"
     found = checkpoint_dirs(run_dir)
     return str(found[-1]) if found else "none yet"
 
 
-def nonfinite_message(what: str, value: float, step: int, captions, run_dir: Path, skip_hint: bool = True) -> str:
+def nonfinite_message(what: str, value: float, step: int, captions, run_dir: Path, skip_hint: bool = True,
+                      accelerator=None) -> str:
     return (f"{what} is {value} at step {step} (captions: {list(captions)[:4]}); last good checkpoint: "
-            f"{last_checkpoint(run_dir)}. Lower optim.lr or objective.beta, check the data"
+            f"{last_checkpoint(run_dir, accelerator)}. Lower optim.lr or objective.beta, check the data"
             + (", or set on_nonfinite=skip to drop such steps" if skip_hint else ""))
 
 
@@ -75,7 +81,8 @@ class NonfiniteGuard:
         if not self._any_process(not math.isfinite(value)):
             return True
         if self.mode == "stop":
-            raise FloatingPointError(nonfinite_message("loss", value, step, captions, self.run_dir))
+            raise FloatingPointError(nonfinite_message("loss", value, step, captions, self.run_dir,
+                                                     accelerator=self.accelerator))
         if self.pending is None:
             self.pending = (value, step, list(captions))
         return False
@@ -92,7 +99,8 @@ class NonfiniteGuard:
         norm = float(grad_norm) if grad_norm is not None else 0.0
         bad_grad = not math.isfinite(norm) and self.accelerator.scaler is None
         if bad_grad and self.mode == "stop":
-            raise FloatingPointError(nonfinite_message("the gradient norm", norm, step, captions, self.run_dir))
+            raise FloatingPointError(nonfinite_message("the gradient norm", norm, step, captions, self.run_dir,
+                                                     accelerator=self.accelerator))
         pending, self.pending = self.pending, None
         if pending is None and not bad_grad:
             self.in_a_row = 0
@@ -105,7 +113,7 @@ class NonfiniteGuard:
                 f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient (max_nonfinite_skips="
                 f"{self.max_skips}; the last at step {step}, value {value}, captions: {bad_captions[:4]}); the "
                 f"weights are those of step {step - self.in_a_row}; last good checkpoint: "
-                f"{last_checkpoint(self.run_dir)}. Lower optim.lr or objective.beta, or check the data")
+                f"{last_checkpoint(self.run_dir, self.accelerator)}. Lower optim.lr or objective.beta, or check the data")
         return False
 
     def check_window(self, loss: float, step: int, captions) -> None:
@@ -115,9 +123,11 @@ class NonfiniteGuard:
         if not self.deferred:
             return
         if not math.isfinite(loss):
-            raise FloatingPointError(nonfinite_message("loss", loss, step, captions, self.run_dir))
+            raise FloatingPointError(nonfinite_message("loss", loss, step, captions, self.run_dir,
+                                                     accelerator=self.accelerator))
         bad_norm, self.bad_norm = self.bad_norm, None
         if bad_norm is not None:  # clipped norms are the same on every process: no collective needed
             norm = float(bad_norm)
             if not math.isfinite(norm):
-                raise FloatingPointError(nonfinite_message("the gradient norm", norm, step, captions, self.run_dir))
+                raise FloatingPointError(nonfinite_message("the gradient norm", norm, step, captions, self.run_dir,
+                                                     accelerator=self.accelerator))

@@ -47,6 +47,7 @@ from diffpo.trainers.common import (
     resumed_micro_step,
     save_checkpoint,
 )
+from diffpo.memory import check_memory
 from diffpo.trainers.preflight import check_free_space
 from diffpo.trainers.nonfinite import NonfiniteGuard
 
@@ -81,6 +82,7 @@ def _train(config: TrainConfig) -> Path:
         factor = stack.vae_scale_factor
         raise ConfigError(f"data.resolution={resolution} is not divisible by the VAE factor {factor}: use a multiple of "
                           f"{factor}, e.g. {max(factor, round(resolution / factor) * factor)}")
+    check_memory(config, stack, resolution, accelerator.device, weight_dtype.itemsize)
     reference = None
     # a reference-free objective (simpo) needs neither the reference forward nor a frozen copy
     if method.needs_reference and not config.objective.reference_free:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from diffpo.config import ConfigError, TrainConfig
 from diffpo.dtypes import MIXED_PRECISION_DTYPES
+from diffpo.errors import one_line
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.serialization import load_state_file, save_state_file
 from diffpo.trainers.common import (
@@ -52,6 +53,7 @@ from diffpo.trainers.common import (
     save_checkpoint,
     step_generator,
 )
+from diffpo.memory import check_memory
 from diffpo.trainers.preflight import check_free_space
 from diffpo.trainers.nonfinite import NonfiniteGuard
 
@@ -145,14 +147,19 @@ def _train(config: TrainConfig) -> Path:
         unet.enable_gradient_checkpointing()
     sampler_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)
     resolution = stack.native_resolution
+    check_memory(config, stack, config.data.resolution or resolution, accelerator.device, weight_dtype.itemsize)
     latent_shape = (stack.unet.config.in_channels, resolution // stack.vae_scale_factor, resolution // stack.vae_scale_factor)
     empty_text = stack.encode_prompts([""])
 
     rewards, loader, winners = {}, None, None
     if is_d3po:
-        prompt_set = [r.prompt for r in load_prompts(PromptSetConfig(
-            source=online.prompts, prompt_column=online.prompt_column, category_column="",
-            max_prompts=online.max_prompts, subsample_seed=config.seed))]
+        try:
+            prompt_set = [r.prompt for r in load_prompts(PromptSetConfig(
+                source=online.prompts, prompt_column=online.prompt_column, category_column="",
+                max_prompts=online.max_prompts, subsample_seed=config.seed))]
+        except (ValueError, OSError) as error:  # the eval loader names its own keys: name this config's
+            raise ConfigError(one_line(error).replace("prompts.source", "online.prompts")
+                              .replace("prompts.max_prompts", "online.max_prompts")) from None
         if not human:
             from diffpo.rewards import load as load_reward
 

@@ -26,19 +26,17 @@ RESUME_MUST_MATCH = (
     "online.samples_per_prompt", "online.preference", "online.replay_size",
 )
 _NOT_WORTH_A_NOTE = ("output_dir", "resume_from", "progress_bar")
-_PATH_KEYS = ("model.pretrained", "model.vae", "data.source")
+_PATH_KEYS = ("model.pretrained", "model.vae", "model.motion_adapter", "data.source", "online.prompts")
 
 
-def output_dir_error(run_dir: Path, error: OSError) -> ConfigError:
-    """Why ``run_dir`` cannot hold a run, and what to do."""
+def output_dir_error(run_dir: Path, error: OSError, key: str = "output_dir") -> ConfigError:
+    """Why ``run_dir`` (the folder ``key`` names) cannot hold what a command writes, and what to do."""
     if error.errno == errno.ENOSPC:
-        return ConfigError(f"output_dir={str(run_dir)!r}: no space left on device: free space there or choose "
-                           "another output_dir")
+        return ConfigError(f"{key}={str(run_dir)!r}: no space left on device: free space there or choose another {key}")
     blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        return ConfigError(f"output_dir={str(run_dir)!r}: {str(blocker)!r} is a file, not a folder: choose another "
-                           "output_dir")
-    return ConfigError(f"output_dir={str(run_dir)!r} is not writable ({error.strerror}): choose another folder")
+        return ConfigError(f"{key}={str(run_dir)!r}: {str(blocker)!r} is a file, not a folder: choose another {key}")
+    return ConfigError(f"{key}={str(run_dir)!r} is not writable ({error.strerror}): choose another folder")
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -91,6 +89,8 @@ def check_resume_config(config, run_dir: Path) -> list[str]:
     from diffpo.trainers.common import resolve_resume
 
     checkpoint = resolve_resume(run_dir, config.resume_from)
+    if checkpoint is not None:
+        check_resume_step(config, checkpoint)
     saved_path = saved_config_path(checkpoint) if checkpoint is not None else None
     if saved_path is None:
         return []
@@ -111,6 +111,39 @@ def check_resume_config(config, run_dir: Path) -> list[str]:
             f"config ({shown}; saved config {str(saved_path)!r}): resume with the saved values, e.g. `diffpo train "
             f"{saved_path} resume_from=latest`, or choose a new output_dir to start afresh")
     return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed if k not in _NOT_WORTH_A_NOTE]
+
+
+def check_resume_step(config, checkpoint: Path) -> None:
+    """A checkpoint past ``max_steps`` cannot be resumed to ``max_steps``: training cannot go back,
+    and exporting its later weights as a shorter run would be wrong."""
+    from diffpo.trainers.common import STATE_FILE
+
+    try:
+        step = int(json.loads((checkpoint / STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # resolve_resume vouched for it; the loader names a bad state
+    if step > config.max_steps:
+        final = checkpoint.parent.parent / "final"
+        raise ConfigError(
+            f"resume_from={config.resume_from!r}: checkpoint {str(checkpoint)!r} is at step {step}, past max_steps="
+            f"{config.max_steps}: set max_steps >= {step} to go on training"
+            + (f" (its weights at step {step} may be in {str(final)!r})" if final.is_dir() else "")
+            + ", or resume an earlier checkpoints/step-N folder, or start afresh in a new output_dir")
+
+
+def resolved_inputs(config):
+    """``config`` with its local input paths (model, VAE, motion adapter, data, prompts) made
+    absolute: the config a run dir keeps names the same files from any working folder."""
+    import dataclasses
+
+    def absolute(value):
+        return os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+
+    model = dataclasses.replace(config.model, pretrained=absolute(config.model.pretrained), vae=absolute(config.model.vae),
+                                motion_adapter=absolute(config.model.motion_adapter))
+    data = dataclasses.replace(config.data, source=absolute(config.data.source))
+    online = dataclasses.replace(config.online, prompts=absolute(config.online.prompts))
+    return dataclasses.replace(config, model=model, data=data, online=online)
 
 
 def checkpoint_count(config) -> int:
