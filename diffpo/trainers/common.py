@@ -31,7 +31,8 @@ def prepare_run_dir(config, is_main: bool) -> Path:
     config, model, data and checkpoint have loaded. ``diffpo train RUN/config.yaml`` reruns it."""
     import tempfile
 
-    from diffpo.trainers.preflight import check_resume_config, output_dir_error, resolved_inputs
+    from diffpo.config import absolute_paths
+    from diffpo.trainers.preflight import check_resume_config, output_dir_error
 
     run_dir = Path(config.output_dir)
     # main only: the others would race these writes; a launcher stops them when the main process fails
@@ -43,8 +44,7 @@ def prepare_run_dir(config, is_main: bool) -> Path:
             run_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
                 pass
-            saved = resolved_inputs(config) if hasattr(config, "data") else config
-            save_config(saved, run_dir / PENDING_CONFIG)
+            save_config(absolute_paths(config), run_dir / PENDING_CONFIG)
         except OSError as error:
             raise output_dir_error(run_dir, error) from None
     return run_dir

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from diffpo.config import ConfigError, to_dict
+from diffpo.config import PATH_KEYS, ConfigError, to_dict
 
 # Keys a resumed run must share with the run that saved the checkpoint: they fix the shapes of the
 # saved state (model, adapter, optimizer) or what the data order and random draws mean. Every other
@@ -26,7 +26,6 @@ RESUME_MUST_MATCH = (
     "online.samples_per_prompt", "online.preference", "online.replay_size",
 )
 _NOT_WORTH_A_NOTE = ("output_dir", "resume_from", "progress_bar")
-_PATH_KEYS = ("model.pretrained", "model.vae", "model.motion_adapter", "data.source", "online.prompts")
 
 
 def output_dir_error(run_dir: Path, error: OSError, key: str = "output_dir") -> ConfigError:
@@ -51,7 +50,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 def _comparable(key: str, value):
     """Local paths compare by the file they name, so ``runs/x`` equals ``/abs/runs/x``."""
-    if key in _PATH_KEYS and isinstance(value, str) and value and os.path.exists(value):
+    if key in PATH_KEYS and isinstance(value, str) and value and os.path.exists(value):
         return os.path.realpath(value)
     return value
 
@@ -129,21 +128,6 @@ def check_resume_step(config, checkpoint: Path) -> None:
             f"{config.max_steps}: set max_steps >= {step} to go on training"
             + (f" (its weights at step {step} may be in {str(final)!r})" if final.is_dir() else "")
             + ", or resume an earlier checkpoints/step-N folder, or start afresh in a new output_dir")
-
-
-def resolved_inputs(config):
-    """``config`` with its local input paths (model, VAE, motion adapter, data, prompts) made
-    absolute: the config a run dir keeps names the same files from any working folder."""
-    import dataclasses
-
-    def absolute(value):
-        return os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
-
-    model = dataclasses.replace(config.model, pretrained=absolute(config.model.pretrained), vae=absolute(config.model.vae),
-                                motion_adapter=absolute(config.model.motion_adapter))
-    data = dataclasses.replace(config.data, source=absolute(config.data.source))
-    online = dataclasses.replace(config.online, prompts=absolute(config.online.prompts))
-    return dataclasses.replace(config, model=model, data=data, online=online)
 
 
 def checkpoint_count(config) -> int:
