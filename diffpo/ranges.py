@@ -68,7 +68,8 @@ RANGES: dict[str, dict[str, str]] = {
                      "thumbnail_size": "[1, 4096]"},
     "EvalConfig": {"seed": SEED},
     # diffpo.quickstart
-    "QuickstartConfig": {"seed": SEED, "num_frames": ">= 1", "eval_prompts": ">= 1", "num_prompts": ">= 1",
+    "QuickstartConfig": {"seed": SEED, "num_frames": ">= 1", "heldout_prompts": ">= 1", "num_prompts": ">= 1",
+                         "eval_seen_prompts": ">= 1",
                          "samples_per_prompt": ">= 2", "min_margin": ">= 0", "sample_steps": ">= 1",
                          "sample_eta": "[0, 1]", "guidance_scale": ">= 0", "eval_seeds_per_prompt": ">= 1",
                          "eval_steps": ">= 1", "batch_size": ">= 1", "grid_prompts": ">= 1"},

@@ -30,7 +30,7 @@ TINY = ROOT / "configs" / "diffusion_dpo" / "tiny.yaml"
 # optimizer step: an epoch is 2 steps, a checkpoint every 3 steps lands mid-epoch.
 OFFLINE = ["max_steps=10", "train_batch_size=2", "gradient_accumulation_steps=2", "log_every=1",
            "progress_bar=false", "ema.enabled=true", "ema.decay=0.9", "data.flip=independent"]
-SAFE_SUFFIXES = {".safetensors", ".json", ".jsonl", ".yaml", ".png"}
+SAFE_SUFFIXES = {".safetensors", ".json", ".jsonl", ".yaml", ".png", ".md"}  # .md: the model card
 
 
 def subprocess_env(**extra) -> dict:
