@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--t5-length", type=int, default=16, help="max_sequence_length for the flow model")
+    parser.add_argument("--check-t5-length", type=int, default=None,
+                        help="also sample the flow model at this T5 length (e.g. the pipeline's default 256) "
+                             "and report its score and how far its pixels move")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = parser.parse_args()
@@ -68,6 +71,15 @@ def main() -> None:
                        "sampler": f"FlowMatchEuler {args.steps} steps, guidance {args.guidance}, "
                                   f"T5 length {args.t5_length}",
                        "above_0.7": float((scores["flow"] > 0.7).float().mean())}
+
+    if args.check_t5_length:
+        started = time.time()
+        other = sample_flow(pipe, captions, seeds, args.steps, args.guidance, args.check_t5_length)
+        other_scores = reward(other, captions)
+        results[f"flow_t5_length_{args.check_t5_length}"] = {
+            **summarize(other_scores.numpy()), "sampling_seconds": time.time() - started,
+            "mean_abs_pixel_difference": float((other - images).abs().mean()),
+        }
 
     if args.unet:
         from diffpo.eval.generate import generate

@@ -182,8 +182,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--export-only", action="store_true", help="write --out from the last checkpoint")
     parser.add_argument("--vae-only", action="store_true", help="stop after stage 1 (the VAE and the latents)")
+    parser.add_argument("--card-only", action="store_true",
+                        help="rewrite --out's README.md from its training.json (and colour_match.json, written by "
+                             "scripts/measure_tiny_colour_match.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.card_only:
+        write_model_card(Path(args.out), json.loads((Path(args.out) / "training.json").read_text()))
+        return
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -313,9 +319,50 @@ def export(pipe, ema, args, data: dict, log: list, out: Path, session_seconds: f
     print(json.dumps({k: v for k, v in card.items() if not k.endswith("_log")}, indent=2))
 
 
-def write_model_card(out: Path, card: dict, measured: str = "") -> None:
+def measured_section(out: Path) -> str:
+    """The card's results, from ``colour_match.json`` when it has been measured."""
+    path = out / "colour_match.json"
+    if not path.is_file():
+        return ""
+    m = json.loads(path.read_text())
+    flow, n = m["flow"], m["captions"] * m["seeds_per_caption"]
+
+    def row(name: str, r: dict) -> str:
+        ci = r["ci95"]
+        shapes = " / ".join(f"{v:.2f}" for v in r["by_shape"].values())
+        return (f"| {name} | {r['sampler']} | {r['mean']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['above_0.7']:.0%} "
+                f"| {shapes} | {r['sampling_seconds']:.0f} s |")
+
+    lines = [
+        "",
+        f"## Measured after training (`python scripts/measure_tiny_colour_match.py --flow {out} --seeds "
+        f"{m['seeds_per_caption']} --check-t5-length 256`)",
+        f"`colour-match` over all {m['captions']} captions with seeds 0-{m['seeds_per_caption'] - 1} each ({n} "
+        "images; both models draw their initial noise from the same seeds), mean with a 95% bootstrap CI; "
+        f"sampling time for all {n} images on {m['threads']} CPU thread of a shared machine:",
+        "",
+        "| model | sampler | colour-match | share > 0.7 | circle / square / triangle | sampling |",
+        "|---|---|---|---|---|---|",
+        row("tiny-flow-shapes (this)", flow),
+    ]
+    if "unet" in m:
+        lines.append(row("tiny-sd-shapes (UNet)", m["unet"]))
+        w = m["flow_vs_unet_win_rate"]
+        lines += ["", f"Paired win rate of this model over the UNet model on the same captions and seeds: "
+                      f"{w['mean']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] ({w['wins']} wins, {w['ties']} ties, "
+                      f"{w['losses']} losses)."]
+    for key, r in m.items():
+        if key.startswith("flow_t5_length_"):
+            lines += ["", f"With the pipeline's default T5 length ({key.rsplit('_', 1)[1]} tokens) instead of 16 the "
+                          f"same images score {r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (mean absolute "
+                          f"pixel difference {r['mean_abs_pixel_difference']:.3f}) and take {r['sampling_seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(out: Path, card: dict) -> None:
     """The folder's README: what the model is, how it was trained, how to rebuild it."""
     params = card["parameters"]
+    measured = measured_section(out)
     text = f"""# tiny-flow-shapes
 
 A real `StableDiffusion3Pipeline` (SD3Transformer2DModel, 16-channel AutoencoderKL, two
