@@ -188,3 +188,151 @@ def build_tiny_text_to_video_components(seed: int = 0, num_merges: int = 2000) -
     for key in ("safety_checker", "image_encoder", "feature_extractor"):
         parts.pop(key)
     return parts
+
+
+# --- flow-matching transformers (SD3 / FLUX.1) ---
+
+SD3_VAE_FACTORS = dict(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE config
+FLUX_VAE_FACTORS = dict(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE config
+
+
+def tiny_flow_vae_config(sample_size: int = 32, scaling_factor: float = 1.0, shift_factor: float = 0.0) -> dict:
+    """A 16-latent-channel ``AutoencoderKL`` config (SD3 / FLUX layout: no quant convs), factor 2.
+
+    ``shift_factor`` and ``scaling_factor`` map latents to the denoiser's space as
+    (z - shift) * scale; a trained VAE sets them from its latents' statistics."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+
+
+def tiny_t5_encoder_config(tokenizer, d_model: int = 64, num_layers: int = 2) -> dict:
+    """A small ``T5EncoderModel`` config matching ``tokenizer``'s vocabulary and special ids."""
+    return dict(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def tiny_sd3_transformer_config(clip_width: int = 32, t5_width: int = 64, sample_size: int = 16) -> dict:
+    """A small ``SD3Transformer2DModel`` config: 2 joint blocks over 1x1 patches of 16-channel latents.
+
+    ``pooled_projection_dim`` is both CLIPs' pooled width; ``joint_attention_dim`` the T5 width (the
+    pipeline zero-pads the concatenated CLIP states up to it, as SD3 pads 2048 up to 4096)."""
+    return dict(
+        sample_size=sample_size,
+        patch_size=1,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * clip_width,
+        pos_embed_max_size=32,
+    )
+
+
+def tiny_flux_transformer_config(clip_width: int = 32, t5_width: int = 64) -> dict:
+    """A small ``FluxTransformer2DModel`` config: one double and one single block, 2x2-packed
+    16-channel latents (64 input channels), RoPE axes summing to the head width, guidance embedding
+    (FLUX.1-dev layout)."""
+    return dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=clip_width,
+        axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True,
+    )
+
+
+def _eval(*models) -> None:
+    """Eval mode, as ``from_pretrained`` returns models: a pipeline built here then gives bit-identical
+    outputs before and after a save/load round trip (train mode alone changes them by ~1e-6)."""
+    for model in models:
+        model.eval()
+
+
+def build_tiny_sd3_components(seed: int = 0, num_merges: int = 2000, clip_width: int = 32, t5_width: int = 64,
+                              transformer_config: dict | None = None, clip_max_length: int = 77,
+                              t5_layers: int = 2, shift: float = 3.0) -> dict:
+    """Randomly initialised components of a tiny ``StableDiffusion3Pipeline``: two CLIP text encoders
+    with projections (pooled embeddings), a T5 encoder, an ``SD3Transformer2DModel``, a 16-channel
+    VAE with SD3's shift and scaling factors, and SD3's flow-matching scheduler (static ``shift``).
+    The keyword options size the bundled model; the defaults make a fast test fixture."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from diffpo.models.tokenizer import build_clip_tokenizer, build_t5_tokenizer
+
+    tokenizer = build_clip_tokenizer(num_merges, model_max_length=clip_max_length)
+    tokenizer_3 = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    clip_config = CLIPTextConfig(**tiny_text_encoder_config(tokenizer, hidden_size=clip_width))
+    text_encoder = CLIPTextModelWithProjection(clip_config)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+    t5_config = T5Config(**tiny_t5_encoder_config(tokenizer_3, d_model=t5_width, num_layers=t5_layers))
+    text_encoder_3 = T5EncoderModel(t5_config)
+    transformer = SD3Transformer2DModel(**(transformer_config or tiny_sd3_transformer_config(clip_width, t5_width)))
+    vae = AutoencoderKL(**tiny_flow_vae_config(**SD3_VAE_FACTORS))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    _eval(text_encoder, text_encoder_2, text_encoder_3, transformer, vae)
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3,
+                tokenizer_3=tokenizer_3, scheduler=scheduler, image_encoder=None, feature_extractor=None)
+
+
+def build_tiny_flux_components(seed: int = 0, num_merges: int = 2000, clip_width: int = 32, t5_width: int = 64) -> dict:
+    """Randomly initialised components of a tiny ``FluxPipeline``: a CLIP text encoder (pooled
+    embedding only), a T5 encoder (the token sequence), a ``FluxTransformer2DModel`` with guidance
+    embedding, a 16-channel VAE with FLUX's shift and scaling factors, and FLUX's scheduler with
+    resolution-dependent dynamic shifting."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from diffpo.models.tokenizer import build_clip_tokenizer, build_t5_tokenizer
+
+    tokenizer = build_clip_tokenizer(num_merges)
+    tokenizer_2 = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config(tokenizer, hidden_size=clip_width)))
+    text_encoder_2 = T5EncoderModel(T5Config(**tiny_t5_encoder_config(tokenizer_2, d_model=t5_width)))
+    transformer = FluxTransformer2DModel(**tiny_flux_transformer_config(clip_width, t5_width))
+    vae = AutoencoderKL(**tiny_flow_vae_config(**FLUX_VAE_FACTORS))
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    _eval(text_encoder, text_encoder_2, transformer, vae)
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, scheduler=scheduler,
+                image_encoder=None, feature_extractor=None)

@@ -53,3 +53,47 @@ def build_clip_tokenizer(num_merges: int = FULL_NUM_MERGES, model_max_length: in
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ")) for m in merges]
     return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=model_max_length)
+
+
+def t5_vocabulary(num_merges: int = 8000) -> list[tuple[str, float]]:
+    """SentencePiece-style (piece, log-score) pairs for a Unigram T5 tokenizer, from CLIP's BPE.
+
+    CLIP's merges are ordered by frequency in English web captions, so the first ``num_merges``
+    merged tokens are a fair English vocabulary. Each alphabetic token becomes a word-start piece
+    ("▁red") when CLIP marks it as a word end (``</w>``: mostly whole words) and a continuation piece
+    ("ing") in every case; single printable ASCII characters (cased, as T5 is) cover any remaining
+    text. Scores fall with the merge rank and single characters score lowest, so Viterbi
+    segmentation prefers whole words, then frequent pieces. Layout as T5's: <pad>, </s>, <unk>.
+    """
+    import math
+    import string
+
+    pieces: dict[str, float] = {}
+    for rank, merge in enumerate(clip_bpe_merges(num_merges)):
+        token = merge.replace(" ", "")
+        word_end = token.endswith("</w>")
+        token = token.removesuffix("</w>")
+        if not (token.isascii() and token.isalpha()):
+            continue
+        score = -math.log(rank + 10.0)  # a Zipf-like log-probability: frequent merges score higher
+        if word_end:
+            pieces.setdefault("▁" + token, score)
+        pieces.setdefault(token, score - 1.0)
+    floor = -math.log(num_merges + 10.0) - 4.0
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        pieces.setdefault("▁" + char, floor)
+        pieces.setdefault(char, floor - 1.0)
+    pieces.setdefault("▁", floor)
+    return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + list(pieces.items())
+
+
+def build_t5_tokenizer(num_merges: int = 8000, model_max_length: int = 256):
+    """A ``transformers.T5TokenizerFast`` (Unigram, no sentinel tokens) over :func:`t5_vocabulary`.
+
+    No SentencePiece model file is needed: the tokenizer lives in its ``tokenizer.json`` and
+    round-trips ``save_pretrained`` / ``from_pretrained``. Text is kept cased and unnormalised;
+    a character outside printable ASCII becomes <unk>.
+    """
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(vocab=t5_vocabulary(num_merges), extra_ids=0, model_max_length=model_max_length)
