@@ -297,7 +297,8 @@ def load_policy(config, accelerator, weight_dtype):
 
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
                        config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device,
-                       motion_adapter=config.model.motion_adapter)
+                       motion_adapter=config.model.motion_adapter, flow_sampling=config.model.flow_sampling(),
+                       guidance=config.model.guidance, max_sequence_length=config.model.max_sequence_length)
     unet = stack.unet
     if config.finetune == "lora":
         if not stack.family.supports_lora:
@@ -366,14 +367,16 @@ def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: i
             ema.copy_to(params)
         final = run_dir / "final"
         if config.finetune == "lora":
-            export_lora(trained, stack.family.pipeline_class, final, state_dict=gathered)
-        elif gathered is None:
-            trained.save_pretrained(final / "unet", safe_serialization=True)
+            export_lora(trained, stack.family.pipeline_class, final, state_dict=gathered,
+                        layers_argument=stack.family.lora_layers_argument)
+        elif gathered is None:  # final/unet, or final/transformer (SD3, FLUX): the family's denoiser folder
+            trained.save_pretrained(final / stack.family.denoiser_attr, safe_serialization=True)
         else:
             from safetensors.torch import save_file
 
-            trained.save_config(final / "unet")
-            save_file({k: v.contiguous() for k, v in gathered.items()}, str(final / "unet" / "diffusion_pytorch_model.safetensors"))
+            folder = final / stack.family.denoiser_attr
+            trained.save_config(folder)
+            save_file({k: v.contiguous() for k, v in gathered.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
         (final / "diffpo.json").write_text(json.dumps({
             "base_model": stack.source, "finetune": config.finetune, "method": config.method,
             "steps": global_step, "pipeline_class": stack.family.pipeline_class_name,
