@@ -150,6 +150,8 @@ class CacheConfig:
     enabled: bool = False
     dir: str = ".cache/diffpo"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # text embeddings: auto = the family's choice (bf16 for SD3 / FLUX, whose T5 states are 4096 wide), else dtype
+    text_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     shard_size: int = 1024  # pairs per safetensors shard
 
 

@@ -240,3 +240,27 @@ def test_smpo_on_a_flow_model_says_why_not(tmp_path, tiny_sd3_dir, shapes_parque
 
     with pytest.raises(ConfigError, match="flow-matching model .*flow-ODE inversion is not implemented"):
         run_training(_config(tmp_path, tiny_sd3_dir, shapes_parquet, "smpo", "method=smpo"))
+
+
+@pytest.mark.parametrize("flow_dir", FAMILIES, indirect=True)
+def test_flow_training_from_the_cache_equals_encoding_every_step(tmp_path, flow_dir, shapes_parquet):
+    from safetensors import safe_open
+
+    from diffpo.trainers import run_training
+
+    extra = ["optim.lr=1e-3", "max_steps=3"]
+    plain = _metrics(run_training(_config(tmp_path, flow_dir, shapes_parquet, "plain", *extra)))
+    exact = _metrics(run_training(_config(tmp_path, flow_dir, shapes_parquet, "exact", *extra, "cache.enabled=true",
+                                          "cache.text_dtype=fp32")))
+    assert [m["loss"] for m in exact] == pytest.approx([m["loss"] for m in plain], rel=1e-4)
+    # the default stores the T5 (and CLIP) states in bf16: another cache, the same first loss
+    default = _metrics(run_training(_config(tmp_path, flow_dir, shapes_parquet, "bf16", *extra, "cache.enabled=true")))
+    assert default[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert [m["loss"] for m in default] == pytest.approx([m["loss"] for m in plain], rel=2e-2)
+    folders = sorted((tmp_path / "cache").iterdir())
+    assert len(folders) == 2
+    dtypes = set()
+    for folder in folders:
+        with safe_open(str(folder / "shard-00000.safetensors"), framework="pt") as shard:
+            dtypes.add((shard.get_tensor("hidden").dtype, shard.get_tensor("mean_w").dtype))
+    assert dtypes == {(torch.float32, torch.float32), (torch.bfloat16, torch.float32)}

@@ -95,7 +95,7 @@ def _train(config: TrainConfig) -> Path:
     if config.cache.enabled:
         # every process encodes its share of the shards (diffpo.data.cache.build_cache)
         folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
-                             progress=accelerator.is_main_process, process_index=accelerator.process_index,
+                             text_dtype=config.cache.text_dtype, progress=accelerator.is_main_process, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes, wait_for_everyone=accelerator.wait_for_everyone)
         dataset = CachedPairs(folder, [pairs.caption(i) for i in range(len(pairs))], config.data.flip, config.seed)
         empty = dataset.empty_prompt()
