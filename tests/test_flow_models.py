@@ -264,3 +264,37 @@ def test_flow_training_from_the_cache_equals_encoding_every_step(tmp_path, flow_
         with safe_open(str(folder / "shard-00000.safetensors"), framework="pt") as shard:
             dtypes.add((shard.get_tensor("hidden").dtype, shard.get_tensor("mean_w").dtype))
     assert dtypes == {(torch.float32, torch.float32), (torch.bfloat16, torch.float32)}
+
+
+@pytest.mark.parametrize("flow_dir", FAMILIES, indirect=True)
+def test_eval_samples_flow_pipelines_on_fixed_seeds_and_a_fresh_lora_equals_the_base(tmp_path, flow_dir):
+    from diffpo.eval.backends import DiffusersBackend
+    from diffpo.eval.config import EvalModelConfig, SamplingConfig
+    from diffpo.eval.generate import generate
+    from diffpo.models.lora import attach_lora, export_lora
+
+    sampling = SamplingConfig(steps=3, guidance_scale=2.0, resolution=32)
+    backend = DiffusersBackend(EvalModelConfig(name="base", pretrained=flow_dir), sampling)
+    assert backend.info["scheduler"] == "FlowMatchEulerDiscreteScheduler" and backend.latent_shape == (16, 16, 16)
+    seeds = [3, 4]
+    first = backend.generate(PROMPTS, seeds)
+    assert first.shape == (2, 3, 32, 32) and torch.equal(first, backend.generate(PROMPTS, seeds))
+    torch.testing.assert_close(backend.generate(PROMPTS[1:], seeds[1:])[0], first[1], atol=1e-4, rtol=0)
+    assert not torch.allclose(first[0], first[1])
+    # the quickstart's generate() starts the same pipeline from the same x_T
+    same = generate(backend.pipe, PROMPTS, seeds, num_inference_steps=3, guidance_scale=2.0,
+                    latents=backend.initial_noise(seeds)[0])
+    torch.testing.assert_close(same, first, atol=1e-5, rtol=0)
+
+    stack = load_stack(flow_dir)
+    attach_lora(stack.unet, 4, None, 0.0, None, family=stack.family)  # B = 0: the base model
+    export_lora(stack.unet, stack.family.pipeline_class, tmp_path / "run" / "final",
+                layers_argument=stack.family.lora_layers_argument)
+    (tmp_path / "run" / "final" / "diffpo.json").write_text(json.dumps({"base_model": stack.source}))
+    tuned = DiffusersBackend(EvalModelConfig(name="run", run_dir=str(tmp_path / "run")), sampling).generate(PROMPTS, seeds)
+    torch.testing.assert_close(tuned, first, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="sampling.scheduler=ddim does not sample .* use flow-euler"):
+        DiffusersBackend(EvalModelConfig(name="x", pretrained=flow_dir), SamplingConfig(scheduler="ddim"))
+    with pytest.raises(ValueError, match="sampling.eta=0.5 .* set sampling.eta=0"):
+        DiffusersBackend(EvalModelConfig(name="x", pretrained=flow_dir), SamplingConfig(steps=1, eta=0.5)).generate(
+            PROMPTS[:1], [0])

@@ -22,11 +22,13 @@ def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: in
     With ``eta > 0`` the DDIM step noise is drawn from per-image generators seeded by
     ``eta_seeds`` (default: ``seeds``), so two samples may share x_T and still differ.
     """
+    from diffpo.models.families import family_of_pipeline
+
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    unet = pipe.unet
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, size, size) if num_frames is None else (unet.config.in_channels, num_frames, size, size)
+    family = family_of_pipeline(pipe)  # UNet or flow transformer: x_T's shape and how the pipeline takes it
+    denoiser = getattr(pipe, family.denoiser_attr)
+    shape = family.pipeline_latent_shape(pipe, None, num_frames)
     video = {} if num_frames is None else {"num_frames": num_frames}
     if latents is None:
         latents = initial_latents(seeds, shape)
@@ -36,9 +38,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: in
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         stop = min(start + batch_size, len(prompts))
         generators = [torch.Generator().manual_seed(s) for s in eta_seeds[start:stop]]
-        out = pipe(prompt=prompts[start:stop], latents=latents[start:stop].to(device, unet.dtype),
-                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                   generator=generators, output_type="pt", **video)
+        inputs = family.pipeline_inputs(pipe, latents[start:stop].to(device, denoiser.dtype), guidance_scale, eta)
+        out = pipe(prompt=prompts[start:stop], num_inference_steps=num_inference_steps, generator=generators,
+                   output_type="pt", **inputs, **video)
         images.append((out.images if num_frames is None else out.frames).float().cpu())
     return torch.cat(images).clamp(0, 1)
 

@@ -134,6 +134,20 @@ class StableDiffusionFamily:
     def latent_channels(self, stack) -> int:
         return int(stack.unet.config.in_channels)
 
+    default_sampler = "ddim"  # sampling.scheduler=auto
+    sampler_names: tuple[str, ...] | None = None  # the eval samplers this family takes (None: every DDPM-family one)
+
+    def pipeline_latent_shape(self, pipe, side: int | None = None, num_frames: int | None = None) -> tuple[int, ...]:
+        """x_T's shape (C, [F,] h, w) for ``pipe``; ``side``: latent height and width (None: native)."""
+        unet = getattr(pipe, self.denoiser_attr)
+        side = side or unet.config.sample_size
+        channels = unet.config.in_channels
+        return (channels, side, side) if num_frames is None else (channels, num_frames, side, side)
+
+    def pipeline_inputs(self, pipe, latents: torch.Tensor, guidance_scale: float, eta: float) -> dict:
+        """The keyword arguments of ``pipe(...)`` that start it from ``latents`` (N, C, [F,] h, w)."""
+        return {"latents": latents, "guidance_scale": guidance_scale, "eta": eta}
+
     def native_resolution(self, stack) -> int:
         return int(stack.unet.config.sample_size) * stack.vae_scale_factor
 
@@ -275,6 +289,30 @@ class StableDiffusion3Family(StableDiffusionFamily):
     def latent_channels(self, stack) -> int:
         return int(stack.vae.config.latent_channels)
 
+    default_sampler = "flow-euler"
+    sampler_names = ("flow-euler",)
+    native_latent_side = 128  # FLUX has no sample_size in its config: the pipeline's default (1024 px)
+
+    def pipeline_latent_shape(self, pipe, side: int | None = None, num_frames: int | None = None) -> tuple[int, ...]:
+        if num_frames is not None:
+            raise ValueError(f"{self.pipeline_class_name} is an image model: drop num_frames")
+        config = getattr(pipe, self.denoiser_attr).config
+        side = side or getattr(config, "sample_size", None) or self.native_latent_side
+        return (int(pipe.vae.config.latent_channels), side, side)
+
+    def pipeline_inputs(self, pipe, latents: torch.Tensor, guidance_scale: float, eta: float) -> dict:
+        """Flow samplers are deterministic ODE steps: ``eta`` > 0 has no meaning there."""
+        if eta:
+            raise ValueError(f"sampling.eta={eta} adds DDIM step noise; {self.pipeline_class_name} samples a "
+                             "deterministic flow ODE: set sampling.eta=0")
+        h, w = latents.shape[-2:]
+        return {"latents": self.packed(latents), "guidance_scale": guidance_scale,
+                "height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
+
+    def packed(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the pipeline takes them (SD3: as they are)."""
+        return latents
+
     def native_resolution(self, stack) -> int:
         return int(getattr(stack.unet.config, "sample_size", None) or 128) * stack.vae_scale_factor
 
@@ -331,6 +369,11 @@ class FluxFamily(StableDiffusion3Family):
     max_sequence_length = 512
     latent_tokens = 4  # one image token per 2x2 latent patch
     default_guidance = 3.5
+
+    def packed(self, latents: torch.Tensor) -> torch.Tensor:
+        """FluxPipeline takes its initial latents packed; ``guidance_scale`` is then the embedded
+        guidance of FLUX.1-dev (true classifier-free guidance is its ``true_cfg_scale``)."""
+        return pack_latents(latents)
 
     def encode_prompts(self, tokenizers, text_encoders, prompts: list[str], max_sequence_length: int | None = None) -> TextEmbeddings:
         clip, t5 = text_encoders
@@ -389,6 +432,11 @@ def repeat_text_per_frame(conditioning: dict, num_frames: int) -> dict:
     """``encoder_hidden_states`` (B, L, D) -> (B * F, L, D), clip-major as diffusers' pipelines do."""
     hidden = conditioning["encoder_hidden_states"]
     return {**conditioning, "encoder_hidden_states": hidden.repeat_interleave(num_frames, 0)}
+
+
+def family_of_pipeline(pipe):
+    """The family of a pipeline object (an unregistered pipeline class: the SD1.x UNet family)."""
+    return FAMILIES.get(type(pipe).__name__, FAMILIES["StableDiffusionPipeline"])
 
 
 def family_for(pipeline_class_name: str):
