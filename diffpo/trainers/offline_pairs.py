@@ -97,6 +97,8 @@ def _train(config: TrainConfig) -> Path:
         folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
                              text_dtype=config.cache.text_dtype, progress=accelerator.is_main_process, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes, wait_for_everyone=accelerator.wait_for_everyone)
+        for encoder in stack.text_encoders:  # training reads their outputs from the cache: free the device (T5-XXL: 9.5 GB)
+            encoder.to("cpu")
         dataset = CachedPairs(folder, [pairs.caption(i) for i in range(len(pairs))], config.data.flip, config.seed)
         empty = dataset.empty_prompt()
         empty_text = TextEmbeddings(empty["hidden"].to(accelerator.device, weight_dtype),
