@@ -281,26 +281,29 @@ def _eval(*models) -> None:
 
 
 def build_tiny_sd3_components(seed: int = 0, num_merges: int = 2000, clip_width: int = 32, t5_width: int = 64,
-                              transformer_config: dict | None = None) -> dict:
+                              transformer_config: dict | None = None, clip_max_length: int = 77,
+                              t5_layers: int = 2, shift: float = 3.0) -> dict:
     """Randomly initialised components of a tiny ``StableDiffusion3Pipeline``: two CLIP text encoders
     with projections (pooled embeddings), a T5 encoder, an ``SD3Transformer2DModel``, a 16-channel
-    VAE with SD3's shift and scaling factors, and SD3's flow-matching scheduler (static shift 3)."""
+    VAE with SD3's shift and scaling factors, and SD3's flow-matching scheduler (static ``shift``).
+    The keyword options size the bundled model; the defaults make a fast test fixture."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from diffpo.models.tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
-    tokenizer = build_clip_tokenizer(num_merges)
+    tokenizer = build_clip_tokenizer(num_merges, model_max_length=clip_max_length)
     tokenizer_3 = build_t5_tokenizer()
     torch.manual_seed(seed)
     clip_config = CLIPTextConfig(**tiny_text_encoder_config(tokenizer, hidden_size=clip_width))
     text_encoder = CLIPTextModelWithProjection(clip_config)
     text_encoder_2 = CLIPTextModelWithProjection(clip_config)
-    text_encoder_3 = T5EncoderModel(T5Config(**tiny_t5_encoder_config(tokenizer_3, d_model=t5_width)))
+    t5_config = T5Config(**tiny_t5_encoder_config(tokenizer_3, d_model=t5_width, num_layers=t5_layers))
+    text_encoder_3 = T5EncoderModel(t5_config)
     transformer = SD3Transformer2DModel(**(transformer_config or tiny_sd3_transformer_config(clip_width, t5_width)))
     vae = AutoencoderKL(**tiny_flow_vae_config(**SD3_VAE_FACTORS))
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     _eval(text_encoder, text_encoder_2, text_encoder_3, transformer, vae)
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3,
