@@ -234,12 +234,53 @@ def test_flow_sft_runs_the_policy_on_winners_only(tmp_path, tiny_sd3_dir, shapes
     assert all(math.isfinite(m["loss"]) for m in _metrics(run_dir))
 
 
-def test_smpo_on_a_flow_model_says_why_not(tmp_path, tiny_sd3_dir, shapes_parquet):
-    from diffpo.config import ConfigError
+def test_flow_inversion_by_hand():
+    from diffpo.kernel.inversion import flow_inversion_target, invert_flow_to_sigmas
+
+    x0 = torch.randn(2, 3, 4, 4)
+    sigmas = torch.tensor([0.4, 0.9])
+    c = torch.randn(2, 3, 4, 4)
+    seen = []
+
+    def constant(x, t, cond):
+        seen.append(t.clone())
+        return c
+
+    # a constant velocity: Euler inversion is exact, x~ = x0 + sigma c, and the target is c
+    inverted = invert_flow_to_sigmas(constant, x0, {}, sigmas, num_steps=3)
+    torch.testing.assert_close(inverted, x0 + sigmas.view(-1, 1, 1, 1) * c)
+    torch.testing.assert_close(flow_inversion_target(inverted, x0, sigmas), c)
+    # per step: the plain prediction at the current sigma, the ReNoise one at the next (x 1000)
+    torch.testing.assert_close(torch.stack(seen[:2]), torch.tensor([[0.0, 0.0], [400 / 3, 300.0]]))
+    # v = a x: many ReNoise iterations without averaging converge to implicit Euler, x_k = x_{k-1} / (1 - a d)
+    a = 0.5
+    linear = lambda x, t, cond: a * x  # noqa: E731
+    implicit = invert_flow_to_sigmas(linear, x0, {}, sigmas, num_steps=4, renoise_steps=40, average_from=39)
+    d = (sigmas / 4).view(-1, 1, 1, 1)
+    torch.testing.assert_close(implicit, x0 / (1 - a * d) ** 4, rtol=1e-5, atol=1e-6)
+    plain = invert_flow_to_sigmas(linear, x0, {}, sigmas, num_steps=4, renoise_steps=1)
+    torch.testing.assert_close(plain, x0 * (1 + a * d) ** 4, rtol=1e-5, atol=1e-6)
+
+
+def test_smpo_trains_on_a_flow_model_by_flow_inversion(tmp_path, tiny_sd3_dir):
+    from conftest import make_pairs
+    from diffpo.data.writer import write_pairs_parquet
     from diffpo.trainers import run_training
 
-    with pytest.raises(ConfigError, match="flow-matching model .*flow-ODE inversion is not implemented"):
-        run_training(_config(tmp_path, tiny_sd3_dir, shapes_parquet, "smpo", "method=smpo"))
+    pairs = make_pairs(4)
+    for i, pair in enumerate(pairs):
+        pair["reward_0"], pair["reward_1"] = 0.2 + 0.01 * i, 0.18
+    source = write_pairs_parquet(tmp_path / "pairs.parquet", pairs)
+    run_dir = run_training(_config(tmp_path, tiny_sd3_dir, source, "smpo", "method=smpo", "objective.inversion_steps=3",
+                                   "data.score_columns=[reward_0,reward_1]"))
+    first, second = _metrics(run_dir)
+    assert first["loss"] == pytest.approx(LOG2, abs=1e-6)  # policy == reference at initialisation
+    assert 0.5 < first["soft_label"] < 1.0 and second["loss"] != first["loss"]
+    from diffpo.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="set objective.inversion_grid=per_sample"):
+        run_training(_config(tmp_path, tiny_sd3_dir, source, "smpo2", "method=smpo", "objective.inversion_grid=shared",
+                             "data.score_columns=[reward_0,reward_1]"))
 
 
 @pytest.mark.parametrize("flow_dir", FAMILIES, indirect=True)

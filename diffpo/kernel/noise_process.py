@@ -54,6 +54,25 @@ class DDPMProcess:
     def error_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def invert(self, denoise, latents: torch.Tensor, conditioning: dict, timesteps: torch.Tensor, num_steps: int,
+               grid: str = "per_sample") -> torch.Tensor:
+        """x~_t by DDIM ReNoise inversion of x_0 with ``denoise`` (SmPO, Lu et al. 2025, Sec. 4.2)."""
+        from diffusers import DDIMScheduler
+
+        from diffpo.kernel.inversion import invert_to_timesteps
+
+        if self.prediction_type != "epsilon":
+            raise ValueError("the inversion target is a noise: it needs an epsilon-prediction model")
+        if not hasattr(self, "_inversion_scheduler"):
+            self._inversion_scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        return invert_to_timesteps(denoise, self._inversion_scheduler, latents, conditioning, timesteps, num_steps, grid=grid)
+
+    def inversion_target(self, noisy: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """tau = (x~_t - sqrt(a_t) x_0) / sqrt(1 - a_t): the noise that reaches x~_t in one jump."""
+        from diffpo.kernel.inversion import inversion_target
+
+        return inversion_target(noisy, latents, self.scheduler.alphas_cumprod[timesteps.cpu()])
+
 
 @dataclass(frozen=True)
 class FlowSampling:
@@ -163,6 +182,23 @@ class RectifiedFlowProcess:
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return noise - latents
+
+    def invert(self, denoise, latents: torch.Tensor, conditioning: dict, timesteps: torch.Tensor, num_steps: int,
+               grid: str = "per_sample") -> torch.Tensor:
+        """x~_sigma by Euler inversion of the flow ODE with ReNoise iterations (SmPO on flow models)."""
+        from diffpo.kernel.inversion import invert_flow_to_sigmas
+
+        if grid != "per_sample":
+            raise ValueError(f"inversion grid {grid!r} is the official SmPO code's DDIM grid; flow models invert on "
+                             "each sample's own sigma grid: set objective.inversion_grid=per_sample")
+        return invert_flow_to_sigmas(denoise, latents, conditioning, self.sigmas(timesteps), num_steps,
+                                     num_train_timesteps=self.num_train_timesteps)
+
+    def inversion_target(self, noisy: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """v = (x~_sigma - x_0) / sigma: the straight-path velocity through x_0 and the inverted x~."""
+        from diffpo.kernel.inversion import flow_inversion_target
+
+        return flow_inversion_target(noisy, latents, self.sigmas(timesteps))
 
     def error_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         sigma = self.sigmas(timesteps)

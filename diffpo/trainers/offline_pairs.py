@@ -25,7 +25,6 @@ from diffpo.kernel.denoising import (
     to_device,
 )
 from diffpo.kernel.noise_process import DDPMProcess
-from diffpo.kernel.inversion import invert_to_timesteps, inversion_target
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.objectives import METHODS
 from diffpo.objectives.variants import kto_feedback_loss
@@ -57,7 +56,6 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
-    from diffusers import DDIMScheduler
 
     from diffpo.data.bad_samples import BadSampleLog, skipped_records
     from diffpo.data.cache import CachedPairs, build_cache, cached_bad_samples
@@ -130,11 +128,8 @@ def _train(config: TrainConfig) -> Path:
     ema = make_ema(config, params, accelerator)
     policy = stack.denoiser(unet)
     process = stack.noise_process  # DDPM or rectified flow: the family chose it
-    if method.prepare == "inversion":  # SmPO: the current policy inverts x_0 (no grad) along DDIM alphas
-        if not isinstance(process, DDPMProcess):
-            raise ConfigError(f"method={config.method} inverts along DDIM's DDPM alphas; {stack.family.pipeline_class_name} "
-                              "is a flow-matching model (flow-ODE inversion is not implemented): use method=diffusion_dpo")
-        if stack.prediction_type != "epsilon":
+    if method.prepare == "inversion":  # SmPO: the current policy inverts x_0 (no grad): DDIM, or the flow ODE
+        if isinstance(process, DDPMProcess) and stack.prediction_type != "epsilon":
             raise ConfigError(f"method={config.method} trains against an inversion noise target: it needs an epsilon-prediction model")
         if config.cache.enabled:
             raise ConfigError(f"method={config.method} reads reward scores with every pair: set cache.enabled=false")
@@ -142,7 +137,6 @@ def _train(config: TrainConfig) -> Path:
             raise ConfigError(f"method={config.method} needs reward scores per image: set data.score_columns "
                               "(e.g. [pickscore_0, pickscore_1] from `diffpo score --pairs`)")
         inverting_policy = stack.denoiser(accelerator.unwrap_model(unet))
-        inversion_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)
     if accelerator.is_main_process:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 
@@ -203,12 +197,11 @@ def _train(config: TrainConfig) -> Path:
             time_ids = sdxl_time_ids(torch.cat([batch["original_size_w"], batch["original_size_l"]]),
                                      torch.cat([batch["crop_w"], batch["crop_l"]]), resolution)
         conditioning = stack.family.unet_conditioning(text, time_ids)
-        if method.prepare == "inversion":  # SmPO: x_t from inverting x_0 with the current policy, target tau
-            noisy = invert_to_timesteps(inverting_policy, inversion_scheduler, noised.latents, conditioning,
-                                        noised.timesteps, config.objective.inversion_steps,
-                                        grid=config.objective.inversion_grid)
-            alphas = stack.noise_scheduler.alphas_cumprod[noised.timesteps.cpu()]
-            target = inversion_target(noisy, noised.latents, alphas).to(noised.latents.dtype)
+        if method.prepare == "inversion":  # SmPO: x_t from inverting x_0 with the current policy; its target
+            # (DDPM: the noise tau reaching x~_t in one jump; flow: the straight-path velocity (x~ - x_0) / sigma)
+            noisy = process.invert(inverting_policy, noised.latents, conditioning, noised.timesteps,
+                                   config.objective.inversion_steps, config.objective.inversion_grid)
+            target = process.inversion_target(noisy, noised.latents, noised.timesteps).to(noised.latents.dtype)
             noised = NoisedPairs(noisy.to(noised.latents.dtype), target, noised.timesteps, noised.latents)
         else:
             target = process.target(noised.latents, noised.noise, noised.timesteps)
