@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
+from diffpo.trainers.checkpoints import checkpoint_dirs
+
 
 def last_checkpoint(run_dir: Path) -> str:
-    from diffpo.trainers.common import checkpoint_dirs
-
     found = checkpoint_dirs(run_dir)
     return str(found[-1]) if found else "none yet"
 
