@@ -394,7 +394,7 @@ class FluxFamily(StableDiffusion3Family):
             text = conditioning["encoder_hidden_states"]
             out = transformer(
                 hidden_states=pack_latents(noisy),
-                timestep=timesteps.to(noisy.dtype) / 1000,
+                timestep=timesteps / 1000,  # the transformer casts it to its own dtype
                 guidance=torch.full((b,), scale, device=noisy.device, dtype=noisy.dtype) if embeds_guidance else None,
                 pooled_projections=conditioning["pooled_projections"],
                 encoder_hidden_states=text,
