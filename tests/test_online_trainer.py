@@ -50,7 +50,7 @@ def test_d3po_first_step_loss_is_log2_and_training_moves_the_lora(tmp_path):
     assert first["log_ratio_w"] == 0.0 and first["log_ratio_l"] == 0.0
     assert "reward/jpeg-compressibility" in first and first["round"] == 0.0
     assert second["round"] == 1.0  # 2 prompts x 1 pair = 1 pair per round < batch: one step per round
-    lora_b = [v for k, v in lora_weights(run_dir).items() if "lora.up" in k]
+    lora_b = [v for k, v in lora_weights(run_dir).items() if "lora.up" in k or "lora_B" in k]
     assert any(float(v.abs().max()) > 0 for v in lora_b)
     manifest = rounds.read_manifest(rounds.round_dir(run_dir, 0))
     assert manifest.pairs == [(0, 0, 1), (1, 0, 1)]
@@ -83,7 +83,7 @@ def test_d3po_from_human_labels_waits_then_trains_on_the_jsonl(tmp_path):
     (record,) = metrics(resumed)
     assert record["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert record["tie_fraction"] == pytest.approx(1 / 6) and record["labelled"] == 6.0
-    assert any(float(v.abs().max()) > 0 for k, v in lora_weights(resumed).items() if "lora.up" in k)
+    assert any(float(v.abs().max()) > 0 for k, v in lora_weights(resumed).items() if "lora.up" in k or "lora_B" in k)
     assert json.loads((resumed / "final" / "diffpo.json").read_text())["steps"] == 1
 
 
