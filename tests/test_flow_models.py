@@ -339,3 +339,21 @@ def test_eval_samples_flow_pipelines_on_fixed_seeds_and_a_fresh_lora_equals_the_
     with pytest.raises(ValueError, match="sampling.eta=0.5 .* set sampling.eta=0"):
         DiffusersBackend(EvalModelConfig(name="x", pretrained=flow_dir), SamplingConfig(steps=1, eta=0.5)).generate(
             PROMPTS[:1], [0])
+
+
+def test_flow_quickstart_preset_runs_end_to_end(tmp_path, tiny_sd3_dir):
+    """configs/quickstart_flow.yaml (deterministic flow sampling: one x_T per candidate), shortened,
+    on a random tiny SD3 in place of the bundled flow model: pairs, training from log 2, report."""
+    from diffpo.config import load_config
+    from diffpo.quickstart import QuickstartConfig, default_config_path, run_quickstart
+
+    assert default_config_path(model="flow").name == "quickstart_flow.yaml"
+    config = load_config(QuickstartConfig, default_config_path(model="flow"), [
+        f"model={tiny_sd3_dir}", f"output_dir={tmp_path / 'qs'}", "num_prompts=6", "samples_per_prompt=2",
+        "train.max_steps=2", "train.train_batch_size=2", "eval_prompts=4", "eval_steps=2", "sample_steps=2"])
+    run_quickstart(config)
+    metrics = _metrics(tmp_path / "qs" / "train")
+    assert metrics[0]["step"] == 2 and math.isfinite(metrics[0]["loss"])
+    summary = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+    assert summary["reward"] == "colour-match" and 0.0 <= summary["win_rate"]["mean"] <= 1.0
+    assert (tmp_path / "qs" / "train" / "final" / "pytorch_lora_weights.safetensors").is_file()
