@@ -92,6 +92,9 @@ def test_sd3_denoiser_is_the_transformer_call(tiny_sd3_dir):
     direct = stack.unet(hidden_states=x, timestep=t, encoder_hidden_states=text.hidden,
                         pooled_projections=text.pooled).sample
     assert torch.equal(stack.denoiser()(x, t, stack.family.unet_conditioning(text)), direct)
+    # CLIP's 77 tokens then model.max_sequence_length T5 tokens
+    assert text.hidden.shape[1] == 77 + 256
+    assert load_stack(tiny_sd3_dir, max_sequence_length=32).encode_prompts(PROMPTS).hidden.shape[1] == 77 + 32
 
 
 def test_unsupported_pipeline_and_ddpm_settings_fail_in_one_line(tmp_path, tiny_sd3_dir, tiny_sd_dir):
@@ -105,6 +108,10 @@ def test_unsupported_pipeline_and_ddpm_settings_fail_in_one_line(tmp_path, tiny_
         load_stack(tiny_sd3_dir, prediction_type="epsilon")
     with pytest.raises(ValueError, match="apply to flow-matching models"):
         load_stack(tiny_sd_dir, flow_sampling=FlowSampling(loss_weighting="cosmap"))
+    with pytest.raises(ValueError, match="model.guidance=4.0 .* set model.guidance=null"):
+        load_stack(tiny_sd3_dir, guidance=4.0)
+    with pytest.raises(ValueError, match="no T5 encoder: set model.max_sequence_length=null"):
+        load_stack(tiny_sd_dir, max_sequence_length=77)
 
 
 @pytest.mark.parametrize("flow_dir", FAMILIES, indirect=True)

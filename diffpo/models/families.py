@@ -71,6 +71,8 @@ class StableDiffusionFamily:
     training_scheduler_class_name = "DDPMScheduler"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # lora.target_modules=null: the attention projections
     cache_text_dtype: str | None = None  # the text embeddings' cache dtype when cache.text_dtype=auto (None: cache.dtype)
+    takes_guidance = False  # a guidance-embedding value goes into every forward (FLUX.1-dev: model.guidance)
+    max_sequence_length: int | None = None  # T5 tokens per prompt (families with a T5 encoder)
     # components a pipeline is built without (diffpo trains none of them)
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     video = False
@@ -369,6 +371,7 @@ class FluxFamily(StableDiffusion3Family):
     max_sequence_length = 512
     latent_tokens = 4  # one image token per 2x2 latent patch
     default_guidance = 3.5
+    takes_guidance = True
 
     def packed(self, latents: torch.Tensor) -> torch.Tensor:
         """FluxPipeline takes its initial latents packed; ``guidance_scale`` is then the embedded

@@ -164,6 +164,12 @@ def load_stack(
     index = read_model_index(source, revision)
     family = family_for(index.get("_class_name", ""))
     flow = family.training_scheduler_class_name != "DDPMScheduler"
+    if guidance is not None and not family.takes_guidance:
+        raise ValueError(f"model.guidance={guidance} is the guidance embedding of distilled flow models (FLUX.1-dev); "
+                         f"{index.get('_class_name')} has none: set model.guidance=null")
+    if max_sequence_length is not None and family.max_sequence_length is None:
+        raise ValueError(f"model.max_sequence_length={max_sequence_length} sets the T5 length; {index.get('_class_name')} "
+                         "has no T5 encoder: set model.max_sequence_length=null")
     if flow and prediction_type is not None:
         raise ValueError(f"model.prediction_type={prediction_type} sets a DDPM target; {index.get('_class_name')} is a "
                          "flow-matching model (velocity target): set model.prediction_type=null")
