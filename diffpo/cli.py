@@ -160,7 +160,7 @@ def _load_heads(names: list[str], option_pairs: list[str], device: str = "cpu", 
 
 
 def _score(args) -> None:
-    from diffpo.eval.score import score_folder, score_pairs
+    from diffpo.eval.scoring import score_folder, score_pairs
 
     if (args.images is None) == (args.pairs is None):
         raise ValueError("pass either --images DIR --prompts FILE or --pairs PARQUET")

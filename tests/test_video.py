@@ -410,7 +410,7 @@ def test_video_quickstart_end_to_end_writes_the_video_report(tmp_path, tiny_anim
 
 def test_diffpo_eval_generates_scores_and_reports_clips_of_a_video_model(tmp_path, tiny_animatediff_dir):
     from diffpo.eval.config import load_eval_config
-    from diffpo.eval.generation import load_sample
+    from diffpo.eval.generate import load_sample
     from diffpo.eval.runner import run_eval
 
     (tmp_path / "prompts.txt").write_text("a red circle moving left on a blue background\n"
