@@ -92,13 +92,15 @@ def _quickstart(args) -> None:
     path = args.config or (preset if preset.is_file() else None)
     config = load_config(QuickstartConfig, path, args.overrides)
     result = run_quickstart(config)
-    print(
-        f"{result['reward']}: before {result['reward_before']['mean']:.4f} "
-        f"[{result['reward_before']['ci95'][0]:.4f}, {result['reward_before']['ci95'][1]:.4f}]  "
-        f"after {result['reward_after']['mean']:.4f} "
-        f"[{result['reward_after']['ci95'][0]:.4f}, {result['reward_after']['ci95'][1]:.4f}]  "
-        f"win rate {result['win_rate']['mean']:.3f} [{result['win_rate']['ci95'][0]:.3f}, {result['win_rate']['ci95'][1]:.3f}]"
-    )
+
+    def line(figures: dict) -> str:
+        before, after, win = figures["reward_before"], figures["reward_after"], figures["win_rate"]
+        return (f"{result['reward']}: before {before['mean']:.4f} [{before['ci95'][0]:.4f}, {before['ci95'][1]:.4f}]  "
+                f"after {after['mean']:.4f} [{after['ci95'][0]:.4f}, {after['ci95'][1]:.4f}]  "
+                f"win rate {win['mean']:.3f} [{win['ci95'][0]:.3f}, {win['ci95'][1]:.3f}]")
+
+    print(f"held-out captions ({result['heldout_captions']}, never trained on): {line(result)}")
+    print(f"training captions ({result['seen_captions']['captions']}, new seeds): {line(result['seen_captions'])}")
     print(f"grid and quickstart.json in {result['run_dir']}")
 
 

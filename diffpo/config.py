@@ -507,5 +507,37 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] = ()):
     return from_dict(cls, apply_overrides(data, list(overrides)))
 
 
+# config keys that name local files or folders (hub ids and "tiny" stay as they are)
+PATH_KEYS = ("output_dir", "resume_from", "model.pretrained", "model.vae", "model.motion_adapter", "data.source",
+             "cache.dir", "online.prompts")
+ALWAYS_LOCAL = ("output_dir", "cache.dir")  # folders diffpo creates: absolute even before they exist
+
+
+def absolute_paths(config):
+    """``config`` with every local path of ``PATH_KEYS`` made absolute (globs too), so that the
+    ``config.yaml`` a run writes reruns from any working directory. A value that names nothing
+    on disk (a hub id, ``tiny``, ``latest``, ``shapes``) is kept as written."""
+    import glob
+    import os
+
+    def resolve(node, dotted: str):
+        head, _, rest = dotted.partition(".")
+        if not dataclasses.is_dataclass(node) or not hasattr(node, head):
+            return node
+        value = getattr(node, head)
+        if rest:
+            return dataclasses.replace(node, **{head: resolve(value, rest)})
+        if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+            return node
+        expanded = os.path.expanduser(value)
+        if dotted in ALWAYS_LOCAL or os.path.exists(expanded) or glob.glob(expanded):
+            return dataclasses.replace(node, **{head: os.path.abspath(expanded)})
+        return node
+
+    for key in PATH_KEYS:
+        config = resolve(config, key)
+    return config
+
+
 def save_config(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

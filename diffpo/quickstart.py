@@ -4,8 +4,9 @@
    the initial noise x_T and diverge through DDIM eta noise;
 2. label each pair with a programmatic reward and write a Pick-a-Pic-format parquet;
 3. train Diffusion-DPO LoRA (or another ``method=``) on it with the offline-pairs trainer;
-4. generate base and aligned images on held-out seeds (the same x_T for both models) and report
-   the reward before/after with 95% bootstrap CIs, the paired win rate, and a before/after grid.
+4. generate base and aligned images with new seeds (the same x_T for both models) for captions held
+   out of training, and for training captions, and report the reward before/after with 95%
+   bootstrap CIs, the paired win rate, and a before/after grid (held-out captions).
 
 ``model=video`` does the same with the bundled text-to-video model (``assets/tiny-video-shapes``)
 on moving-shape captions: clips instead of images, a video report (GIFs, per-frame scores,
@@ -36,10 +37,11 @@ class QuickstartConfig:
     seed: int = 0
     model: str = "tiny"  # tiny (images), video (the bundled video model), or a diffusers folder / hub id
     num_frames: int = 4  # video models: frames per clip, sampled, trained and evaluated
-    eval_prompts: int | None = None  # held-out captions for before/after (None: every caption of the world)
+    heldout_prompts: int = 30  # captions kept out of training (pairs, D3PO rounds, rendered winners): the headline evaluation
     reward: str = "colour-match"  # the reward that labels the pairs: a name in diffpo.rewards.REWARDS
     check_rewards: list[str] = field(default_factory=lambda: ["colour-match"])  # also reported, to catch reward hacking
-    num_prompts: int = 90  # shape captions used for the pairs (90 = all of them)
+    num_prompts: int = 60  # training captions (pairs, D3PO rounds, winners), drawn from those not held out
+    eval_seen_prompts: int | None = None  # training captions also evaluated with new seeds (None: all of them)
     samples_per_prompt: int = 4  # candidates per prompt
     share_initial_noise: bool = True  # a prompt's candidates share x_T (pairs); false: each its own (winners-only methods)
     pairing: Literal["all", "best_worst"] = "all"  # every pair of candidates, or only best vs worst
@@ -48,7 +50,7 @@ class QuickstartConfig:
     sample_steps: int = 20
     sample_eta: float = 1.0
     guidance_scale: float = 5.0
-    eval_seeds_per_prompt: int = 2  # held-out seeds per caption for before/after
+    eval_seeds_per_prompt: int = 2  # new seeds per evaluated caption for before/after
     eval_steps: int = 25
     batch_size: int = 30
     grid_prompts: int = 8
@@ -58,6 +60,9 @@ class QuickstartConfig:
         if self.share_initial_noise and self.sample_eta == 0:
             raise ConfigError("sample_eta=0 with share_initial_noise=true gives identical candidates: raise "
                               "sample_eta or set share_initial_noise=false")
+        if self.heldout_prompts < 1:
+            raise ConfigError(f"heldout_prompts={self.heldout_prompts} must be >= 1: the quickstart evaluates on captions "
+                              "it never trained on")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"samples_per_prompt={self.samples_per_prompt} must be >= 2 to form pairs")
         from diffpo.rewards import REWARDS
@@ -102,7 +107,10 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     from diffpo.rewards import load as load_reward
     from diffpo.trainers import run_training
 
+    from diffpo.config import absolute_paths
+
     started = time.time()
+    config = absolute_paths(config)  # its config.yaml reruns from any folder
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
@@ -116,39 +124,55 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     captions_of, category_of = _world(stack.is_video)
     shape = stack.family.pipeline_latent_shape(pipe, None, frames)  # x_T: (C, [F,] h, w), UNet or flow transformer
 
+    # held-out captions never reach training: not in the pairs, the D3PO rounds or the rendered winners
+    train_captions, heldout_captions = split_captions(captions_of(), config.heldout_prompts, config.num_prompts,
+                                                      config.seed, category_of)
+    run_dir.joinpath("captions.json").write_text(json.dumps({"train": train_captions, "heldout": heldout_captions}, indent=1))
+
     # 1-2. offline data (not for D3PO, which samples its own rounds while it trains): candidates
     # sharing x_T per prompt, diverging through eta noise, paired and labelled by the reward
     data, sampled = {}, {}
     video_data = {} if frames is None else {"num_frames": frames}
     if config.method in WINNERS_ONLY and config.winners == "renders":
-        parquet, sampled = _render_winners(config, stack.native_resolution, frames)
+        parquet, sampled = _render_winners(config, train_captions, stack.native_resolution, frames)
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet), **video_data)}
     elif config.method != "d3po":
-        parquet, sampled = _sample_pairs(config, pipe, shape, reward, captions_of, frames)
+        parquet, sampled = _sample_pairs(config, pipe, shape, reward, train_captions, frames)
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet), **video_data)}
 
     # 3. train
     online = config.train.online
     if config.method != "dro":  # DRO's lagged copy samples with its own solver and (no) guidance
         online = dataclasses.replace(online, eta=config.sample_eta, guidance_scale=config.guidance_scale)
-    if config.method == "d3po":  # its rounds are the quickstart's candidates
-        online = dataclasses.replace(online, prompts="shapes", rewards=[config.reward], min_margin=config.min_margin,
-                                     samples_per_prompt=config.samples_per_prompt, num_inference_steps=config.sample_steps)
+    if config.method == "d3po":  # its rounds are the quickstart's candidates, for the training captions only
+        prompt_file = run_dir / "train_captions.txt"
+        prompt_file.write_text("\n".join(train_captions) + "\n")
+        online = dataclasses.replace(online, prompts=str(prompt_file.resolve()), rewards=[config.reward],
+                                     min_margin=config.min_margin, samples_per_prompt=config.samples_per_prompt,
+                                     num_inference_steps=config.sample_steps)
     train_config = dataclasses.replace(
         config.train, method=config.method, seed=config.seed, output_dir=str(run_dir / "train"),
         model=dataclasses.replace(config.train.model, pretrained=model), online=online, **data)
     train_dir = run_training(train_config)
 
-    # 4. before / after on held-out seeds, identical initial noise for both models
-    eval_captions = captions_of() if config.eval_prompts is None else captions_of(config.eval_prompts, seed=config.seed + 1)
+    # 4. before / after with new seeds, identical initial noise for both models: on the held-out
+    # captions (the headline figures) and on training captions (labelled as such)
     n = config.eval_seeds_per_prompt
-    eval_prompts = [c for c in eval_captions for _ in range(n)]
-    eval_seeds = [10_000_000 + config.seed * 100_000 + i for i in range(len(eval_prompts))]
-    before = generate(pipe, eval_prompts, eval_seeds, config.eval_steps, config.guidance_scale,
-                      batch_size=config.batch_size, progress=True, desc="base model", num_frames=frames)
-    _load_trained(pipe, stack, train_dir / "final", config.train.finetune)
-    after = generate(pipe, eval_prompts, eval_seeds, config.eval_steps, config.guidance_scale,
-                     batch_size=config.batch_size, progress=True, desc="aligned model", num_frames=frames)
+    seen_captions = train_captions[: config.eval_seen_prompts]
+    sets = {"heldout": heldout_captions, "seen": seen_captions}
+    prompts = {name: [c for c in captions for _ in range(n)] for name, captions in sets.items()}
+    seeds = {"heldout": [10_000_000 + config.seed * 100_000 + i for i in range(len(prompts["heldout"]))],
+             "seen": [20_000_000 + config.seed * 100_000 + i for i in range(len(prompts["seen"]))]}
+    images = {}
+    for label in ("base", "aligned"):
+        if label == "aligned":
+            _load_trained(pipe, stack, train_dir / "final", config.train.finetune)
+        for name in sets:
+            images[label, name] = generate(pipe, prompts[name], seeds[name], config.eval_steps, config.guidance_scale,
+                                           batch_size=config.batch_size, progress=True,
+                                           desc=f"{label} model, {name} captions", num_frames=frames)
+    eval_captions, eval_prompts, eval_seeds = heldout_captions, prompts["heldout"], seeds["heldout"]
+    before, after = images["base", "heldout"], images["aligned", "heldout"]
     r_before, r_after = reward(before, eval_prompts), reward(after, eval_prompts)
 
     stride = max(1, len(eval_captions) // max(config.grid_prompts, 1))  # spread over shapes and colours
@@ -162,17 +186,30 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         shown_before, shown_after = _film_strips(shown_before), _film_strips(shown_after)
     grid = image_grid(to_pil(shown_before) + to_pil(shown_after), rows=2, scale=4)
     grid.save(run_dir / "before_after.png")
+    check_heads = {name: load_reward(name) for name in config.check_rewards if name != config.reward}
+
+    def comparison(base, aligned, captions) -> dict:
+        """Reward before/after with 95% CIs, the paired win rate and the check rewards on one caption set."""
+        r_base, r_aligned = reward(base, captions), reward(aligned, captions)
+        return {"reward_before": summarize(r_base.numpy(), seed=config.seed),
+                "reward_after": summarize(r_aligned.numpy(), seed=config.seed),
+                "win_rate": paired_win_rate(r_aligned.numpy(), r_base.numpy(), seed=config.seed),
+                "checks": {name: {"before": summarize(head(base, captions).numpy(), seed=config.seed),
+                                  "after": summarize(head(aligned, captions).numpy(), seed=config.seed)}
+                           for name, head in check_heads.items()}}
+
     result = {
         "reward": config.reward,
         "method": config.method,
-        "reward_before": summarize(r_before.numpy(), seed=config.seed),
-        "reward_after": summarize(r_after.numpy(), seed=config.seed),
-        "win_rate": paired_win_rate(r_after.numpy(), r_before.numpy(), seed=config.seed),
-        "checks": {name: {"before": summarize(head(before, eval_prompts).numpy(), seed=config.seed),
-                          "after": summarize(head(after, eval_prompts).numpy(), seed=config.seed)}
-                   for name, head in ((n, load_reward(n)) for n in config.check_rewards if n != config.reward)},
+        "evaluated_on": (f"{len(heldout_captions)} held-out captions (never in training) x {n} new seeds; "
+                         "'seen_captions' holds the same figures for training captions with new seeds"),
+        **comparison(before, after, eval_prompts),
+        "seen_captions": {"captions": len(seen_captions), "images_per_model": len(prompts["seen"]),
+                          **comparison(images["base", "seen"], images["aligned", "seen"], prompts["seen"])},
+        "train_captions": len(train_captions),
+        "heldout_captions": len(heldout_captions),
         **sampled,
-        "eval_images_per_model": len(eval_prompts),
+        "eval_images_per_model": len(eval_prompts),  # held-out
         "train_steps": train_config.max_steps,
         "seconds": time.time() - started,
         "run_dir": str(run_dir),
@@ -197,30 +234,51 @@ def _film_strips(videos: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.cat(list(video), dim=-1) for video in videos])
 
 
-def _render_winners(config: QuickstartConfig, resolution: int, frames: int | None = None) -> tuple[Path, dict]:
-    """Preferred images without a model: ``samples_per_prompt`` clean renders per shape caption
-    (flat colours, the caption's shape; clips of it moving for a video model) as an image+caption
-    parquet, as SePPO reads Pick-a-Pic winners."""
-    from diffpo.data.moving_shapes import sample_moving_shapes
-    from diffpo.data.shapes import sample_shapes
+def split_captions(captions: list[str], heldout: int, count: int, seed: int, category_of) -> tuple[list[str], list[str]]:
+    """(training captions, held-out captions) of a caption world: ``heldout`` captions spread evenly
+    over the categories (shapes, motion directions) and ``count`` others for training, both drawn
+    with ``seed``. The two lists never share a caption."""
+    from itertools import zip_longest
+
+    import numpy as np
+
+    if heldout + count > len(captions):
+        raise ConfigError(f"heldout_prompts={heldout} + num_prompts={count} exceeds the {len(captions)} captions of this "
+                          f"model's world: lower num_prompts to at most {len(captions) - heldout}")
+    groups: dict[str, list[str]] = {}
+    for i in np.random.default_rng(seed).permutation(len(captions)):
+        groups.setdefault(category_of(captions[i]), []).append(captions[i])
+    interleaved = [c for row in zip_longest(*groups.values()) for c in row if c is not None]
+    return interleaved[heldout: heldout + count], interleaved[:heldout]
+
+
+def _render_winners(config: QuickstartConfig, captions: list[str], resolution: int, frames: int | None = None
+                    ) -> tuple[Path, dict]:
+    """Preferred images without a model: ``samples_per_prompt`` clean renders of each training
+    caption (flat colours, the caption's shape at a random place and size; clips of it moving for a
+    video model) as an image+caption parquet, as SePPO reads Pick-a-Pic winners."""
+    import numpy as np
+
+    from diffpo.data.moving_shapes import draw_moving_shape, parse_motion_caption
+    from diffpo.data.shapes import draw_shape, parse_caption
     from diffpo.data.writer import write_images_parquet
 
-    count = config.num_prompts * config.samples_per_prompt
-    renders = (sample_shapes(count, size=resolution, seed=config.seed) if frames is None else
-               sample_moving_shapes(count, size=resolution, frames=frames, seed=config.seed))
-    path = write_images_parquet(Path(config.output_dir) / "winners.parquet", [im for im, _ in renders], [c for _, c in renders])
+    rng = np.random.default_rng(config.seed)
+    chosen = [c for c in captions for _ in range(config.samples_per_prompt)]
+    renders = [draw_shape(parse_caption(c), resolution, rng) if frames is None else
+               draw_moving_shape(parse_motion_caption(c), resolution, frames, rng) for c in chosen]
+    path = write_images_parquet(Path(config.output_dir) / "winners.parquet", renders, chosen)
     return path, {"winners": len(renders)}
 
 
-def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward, captions_of, frames: int | None = None
+def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward, captions: list[str], frames: int | None = None
                   ) -> tuple[Path, dict]:
-    """Candidates for every caption (sharing x_T unless ``share_initial_noise`` is off), paired
+    """Candidates for every training caption (sharing x_T unless ``share_initial_noise`` is off), paired
     (all pairs or best vs worst) and labelled by ``reward``, written as a Pick-a-Pic-format parquet
     (image_0 the higher-scored; videos as lists of PNG frames)."""
     from diffpo.data.writer import write_pairs_parquet
     from diffpo.eval.generate import generate, initial_latents, to_pil
 
-    captions = captions_of(config.num_prompts, seed=config.seed)
     k = config.samples_per_prompt
     prompts = [c for c in captions for _ in range(k)]
     if config.share_initial_noise:  # the candidates of a caption diverge only through the eta noise
@@ -278,7 +336,7 @@ def _write_report(config: QuickstartConfig, run_dir: Path, before, after, prompt
                             "aligned": temporal_consistency(after, pixel_embedding)}
     what = f"clips of {before.shape[1]} frames" if video else "images"
     meta = {"description": f"diffpo quickstart ({config.method}, reward {config.reward}): {len(prompts) // n} "
-                           f"captions x {n} held-out seeds ({what}), {config.eval_steps} DDIM steps, guidance "
+                           f"held-out captions (never trained on) x {n} seeds ({what}), {config.eval_steps} DDIM steps, guidance "
                            f"{config.guidance_scale}; scored before 8-bit rounding, as quickstart.json; "
                            f"run took {seconds:.0f} s.",
             "config": to_dict(config), "provenance": provenance("cpu"),

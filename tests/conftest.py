@@ -109,3 +109,15 @@ def tiny_flux_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-flux")
     FluxPipeline(**build_tiny_flux_components(seed=0)).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_animatediff_dir(tmp_path_factory):
+    """A randomly initialised tiny AnimateDiffPipeline (UNetMotionModel) in the diffusers folder format."""
+    from diffusers import AnimateDiffPipeline
+
+    from diffpo.models.tiny import build_tiny_animatediff_components
+
+    path = tmp_path_factory.mktemp("tiny-animatediff")
+    AnimateDiffPipeline(**build_tiny_animatediff_components(seed=0)).save_pretrained(path)
+    return str(path)

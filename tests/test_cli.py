@@ -67,3 +67,29 @@ def test_cache_command_builds_a_complete_cache(tmp_path, tiny_sd_dir, shapes_par
     assert result.returncode == 0, result.stderr[-2000:]
     folders = list((tmp_path / "cache").iterdir())
     assert len(folders) == 1 and (folders[0] / "meta.json").is_file() and "cache of 32 pairs" in result.stdout
+
+
+def test_a_run_dirs_config_reruns_from_another_working_directory(tmp_path, tiny_sd_dir, shapes_parquet):
+    """Relative paths given in one folder are stored absolute in RUN_DIR/config.yaml, so the rerun
+    from elsewhere finds the same data and writes into the same run dir."""
+    import json
+    import shutil
+
+    import yaml
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    (first / "data").mkdir(parents=True)
+    second.mkdir()
+    shutil.copy(shapes_parquet, first / "data" / "pairs.parquet")
+    common = [f"model.pretrained={tiny_sd_dir}", "train_batch_size=4", "log_every=1", "progress_bar=false"]
+    result = _run("train", "configs/diffusion_dpo/tiny.yaml", "output_dir=runs/r", "data.source=data/pairs.parquet",
+                  "max_steps=1", *common, cwd=first)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = first / "runs" / "r"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["output_dir"] == str(run_dir) and saved["data"]["source"] == str(first / "data" / "pairs.parquet")
+    assert saved["model"]["pretrained"] == tiny_sd_dir
+    result = _run("train", str(run_dir / "config.yaml"), "max_steps=2", "resume_from=latest", cwd=second)
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and not (second / "runs").exists()

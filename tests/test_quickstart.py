@@ -43,6 +43,18 @@ def test_quickstart_writes_what_it_did(quickstart_run):
     pairs = pd.read_parquet(out / "pairs.parquet")
     assert {"jpg_0", "jpg_1", "label_0", "caption"} <= set(pairs.columns)
     assert (pairs.reward_0 >= pairs.reward_1).all()
+    # held out means held out: the headline captions were never in a training pair
+    captions = json.loads((out / "captions.json").read_text())
+    assert len(captions["heldout"]) == 30 and len(captions["train"]) == 60
+    assert set(pairs.caption) == set(captions["train"]) and not set(captions["heldout"]) & set(pairs.caption)
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["eval_images_per_model"] == 30 * 4 and summary["seen_captions"]["images_per_model"] == 60 * 4
+    # every shape is among the held-out captions, evenly
+    from collections import Counter
+
+    from diffpo.data.shapes import parse_caption
+
+    assert set(Counter(parse_caption(c).shape for c in captions["heldout"]).values()) == {10}
 
 
 @pytest.mark.parametrize("method", ["d3po", "seppo", "dro", "smpo"])
@@ -62,8 +74,11 @@ def test_method_quickstart_presets_run_end_to_end(tmp_path, method):
     preset = {"d3po": "beta: 0.1", "seppo": "pool_every: 10", "dro": "margin: 0.01", "smpo": "score_low: -1.5"}[method]
     assert preset in saved  # the preset, not the DPO default
     assert (out / "report" / "index.html").is_file() and (out / "train" / "final" / "diffpo.json").is_file()
-    if method == "d3po":
-        assert (out / "train" / "rounds" / "round-0000" / "round.json").is_file() and not (out / "pairs.parquet").exists()
+    captions = json.loads((out / "captions.json").read_text())
+    if method == "d3po":  # the rounds draw their prompts from the training captions only
+        round_file = out / "train" / "rounds" / "round-0000" / "round.json"
+        assert round_file.is_file() and not (out / "pairs.parquet").exists()
+        assert set(json.loads(round_file.read_text())["prompts"]) <= set(captions["train"])
     elif method == "smpo":  # all pairs of each caption's 4 samples, with both rewards for the soft labels
         import pandas as pd
 

@@ -15,18 +15,6 @@ FRAMES = 3
 
 
 @pytest.fixture(scope="module")
-def tiny_animatediff_dir(tmp_path_factory):
-    """A randomly initialised tiny AnimateDiffPipeline (UNetMotionModel) in the diffusers folder format."""
-    from diffusers import AnimateDiffPipeline
-
-    from diffpo.models.tiny import build_tiny_animatediff_components
-
-    path = tmp_path_factory.mktemp("tiny-animatediff")
-    AnimateDiffPipeline(**build_tiny_animatediff_components(seed=0)).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_t2v_dir(tmp_path_factory):
     """A randomly initialised tiny TextToVideoSDPipeline (UNet3DConditionModel)."""
     from diffusers import TextToVideoSDPipeline
@@ -393,7 +381,7 @@ def test_video_quickstart_end_to_end_writes_the_video_report(tmp_path, tiny_anim
     assert path.name == "quickstart_video.yaml"
     config = load_config(QuickstartConfig, path, [
         f"model={tiny_animatediff_dir}", f"output_dir={tmp_path / 'qs'}", f"num_frames={FRAMES}", "num_prompts=2",
-        "samples_per_prompt=2", "eval_prompts=3", "eval_seeds_per_prompt=1", "sample_steps=2", "eval_steps=2",
+        "samples_per_prompt=2", "heldout_prompts=3", "eval_seeds_per_prompt=1", "sample_steps=2", "eval_steps=2",
         "train.max_steps=2", "train.train_batch_size=1", "train.log_every=1", "grid_prompts=2"])
     result = run_quickstart(config)
     out = tmp_path / "qs"

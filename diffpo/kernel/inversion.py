@@ -164,10 +164,14 @@ def invert_to_timesteps(denoise: Denoiser, scheduler, latents_0: torch.Tensor, c
     """x~_t for every sample at its own timestep ``timesteps[b]`` (SmPO's trajectory from inversion):
     ``num_steps`` ReNoise steps without guidance, starting from x_0 at the final alpha, on the
     per-sample grid round(t_b k / num_steps), k = 1..num_steps (``grid="per_sample"``: x~ lands on t_b),
-    or on the official code's ``grid="shared"``: the inverse-scheduler points k (T / num_steps) +
-    steps_offset below t_b, so x~ stays at the last such point while the loss uses t_b.
+    or on ``grid="shared"``: the inverse-scheduler points k (T / num_steps) + steps_offset below t_b,
+    so x~ stays at the last such point while the loss uses t_b. ``shared`` is what the official SmPO
+    code computes with diffusers >= 0.22; with the diffusers 0.20.0 its requirements pin (a
+    DDIMInverseScheduler changed in diffusers PR #5145) its x~ lands instead on the first point at or
+    above t_b (at most the last one), each step's predictions made at the timestep of the point it
+    starts from (tests/test_official_losses.py; docs/methods.md, "Checked against the official code").
     Defaults: one re-prediction per step, averaged with the plain one (diffpo's reading of SmPO's
-    "one ReNoise iteration with averaging")."""
+    "one ReNoise iteration with averaging", the official code's too)."""
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be >= 1")
     if grid not in INVERSION_GRIDS:

@@ -14,20 +14,28 @@ from diffpo.rewards.aesthetic import Aesthetic
 from diffpo.rewards.base import LearnedHead, RewardHead
 from diffpo.rewards.clip import ClipScore
 from diffpo.rewards.hps import HPSv2, HPSv21
+from diffpo.rewards.hps_v3 import HPSv3
+from diffpo.rewards.imagereward import ImageReward
 from diffpo.rewards.pickscore import PickScore
+from diffpo.rewards.remote import RemoteReward
+from diffpo.rewards.video_reward import VideoReward
 from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility, MotionMatch
 
 REWARDS: dict[str, type[RewardHead]] = {
     "clip": ClipScore,
     "hps-v2": HPSv2,
     "hps-v2.1": HPSv21,
+    "hps-v3": HPSv3,
     "pickscore": PickScore,
     "aesthetic": Aesthetic,
+    "imagereward": ImageReward,
     "jpeg-compressibility": JpegCompressibility,
     "jpeg-incompressibility": JpegIncompressibility,
     "colour-match": ColourMatch,
     "brightness": Brightness,
     "motion-match": MotionMatch,
+    "remote": RemoteReward,
+    "video-reward": VideoReward,
 }
 
 

@@ -304,9 +304,12 @@ def shards_parameters(accelerator) -> bool:
     return kind == "FSDP" or (kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3)
 
 
-def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: int, ema=None, params=None) -> None:
+def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: int, ema=None, params=None,
+                 data_size: dict | None = None) -> None:
     """Write ``RUN_DIR/final``: LoRA weights ``pipe.load_lora_weights`` reads, or the full UNet, plus
-    ``diffpo.json`` (base model, method, steps). EMA weights replace the raw ones when kept."""
+    ``diffpo.json`` (base model, method, steps) and a model card ``README.md`` (``data_size``: counts
+    of the training data for it, e.g. ``{"pairs": 1200}``). EMA weights replace the raw ones when kept."""
+    from diffpo.models.card import write_model_card
     from diffpo.models.lora import export_lora
 
     accelerator.wait_for_everyone()
@@ -333,6 +336,7 @@ def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: i
             "base_model": stack.source, "finetune": config.finetune, "method": config.method,
             "steps": global_step, "pipeline_class": stack.family.pipeline_class_name,
             **({"motion_adapter": stack.extra["motion_adapter"]} if stack.extra.get("motion_adapter") else {})}, indent=2))
+        write_model_card(final, config, stack, global_step, run_dir, data_size)
 
 
 def run_resetting_accelerate(loop, config):

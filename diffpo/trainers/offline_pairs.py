@@ -285,6 +285,6 @@ def _train(config: TrainConfig) -> Path:
                     config.checkpoints_total_limit)
 
     # ---- export -------------------------------------------------------------------------------
-    export_final(accelerator, unet, stack, config, run_dir, global_step, ema, params)
+    export_final(accelerator, unet, stack, config, run_dir, global_step, ema, params, data_size={"pairs": len(pairs)})
     accelerator.end_training()
     return run_dir
