@@ -357,7 +357,8 @@ def test_flow_quickstart_preset_runs_end_to_end(tmp_path, tiny_sd3_dir):
     assert default_config_path(model="flow").name == "quickstart_flow.yaml"
     config = load_config(QuickstartConfig, default_config_path(model="flow"), [
         f"model={tiny_sd3_dir}", f"output_dir={tmp_path / 'qs'}", "num_prompts=6", "samples_per_prompt=2",
-        "train.max_steps=2", "train.train_batch_size=2", "eval_prompts=4", "eval_steps=2", "sample_steps=2"])
+        "train.max_steps=2", "train.train_batch_size=2", "heldout_prompts=3", "eval_seen_prompts=2",
+        "eval_seeds_per_prompt=1", "eval_steps=2", "sample_steps=2"])
     run_quickstart(config)
     metrics = _metrics(tmp_path / "qs" / "train")
     assert metrics[0]["step"] == 2 and math.isfinite(metrics[0]["loss"])
