@@ -78,3 +78,22 @@ def steady_pairs_per_s(run_dir: Path, pairs_per_step: int, warmup_records: int =
 
 def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+FLOW_MODELS = ("tiny-sd3", "tiny-flux")  # random tiny flow transformers built in code (diffpo.models.tiny)
+
+
+def model_source(model: str, folder: Path, t5_width: int = 64, t5_layers: int = 2) -> str:
+    """``model`` as a ``load_stack`` source: ``tiny-sd3`` / ``tiny-flux`` are built (random weights,
+    a T5 encoder of ``t5_width`` x ``t5_layers``) and saved into ``folder``; anything else passes."""
+    if model not in FLOW_MODELS:
+        return model
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from diffpo.models.tiny import build_tiny_flux_components, build_tiny_sd3_components
+
+    if model == "tiny-sd3":
+        StableDiffusion3Pipeline(**build_tiny_sd3_components(t5_width=t5_width, t5_layers=t5_layers)).save_pretrained(folder)
+    else:
+        FluxPipeline(**build_tiny_flux_components(t5_width=t5_width)).save_pretrained(folder)
+    return str(folder)

@@ -64,6 +64,7 @@ def build_step(variant: str, args, device: torch.device, dtype: torch.dtype):
     from diffusers import DDPMScheduler
 
     from diffpo.kernel.denoising import NoisedPairs, PairStreams, noise_pairs, pair_errors, pair_noise, prediction_target
+    from diffpo.kernel.noise_process import DDPMProcess
     from diffpo.models.loading import unet_denoiser
     from diffpo.models.reference import AdaptersDisabledReference, FrozenCopyReference
     from diffpo.objectives.dpo import diffusion_dpo_loss
@@ -115,7 +116,7 @@ def build_step(variant: str, args, device: torch.device, dtype: torch.dtype):
         streams = PairStreams(0, counter["micro"], range(b))  # a new draw per step, as epochs would give
         counter["micro"] += 1
         noise, timesteps = pair_noise(latents_w, 1000, streams)
-        noised = noise_pairs(scheduler, latents_w, latents_l, noise, timesteps)
+        noised = noise_pairs(DDPMProcess(scheduler, "epsilon"), latents_w, latents_l, noise, timesteps)
         noised = NoisedPairs(noised.noisy.contiguous(memory_format=memory_format), noised.noise, noised.timesteps,
                              noised.latents)
         target = prediction_target("epsilon", scheduler, noised.latents, noised.noise, noised.timesteps)

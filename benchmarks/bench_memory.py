@@ -38,7 +38,7 @@ def run_case(name: str, model: str, pairs: int, steps: int, threads: int) -> dic
 
     from diffpo.config import TrainConfig, from_dict
     from diffpo.dtypes import MIXED_PRECISION_DTYPES
-    from diffpo.kernel.denoising import noise_pairs, pair_errors, pair_noise, prediction_target
+    from diffpo.kernel.denoising import noise_pairs, pair_errors
     from diffpo.models.loading import unet_denoiser
     from diffpo.models.reference import AdaptersDisabledReference, FrozenCopyReference
     from diffpo.objectives import METHODS
@@ -78,9 +78,9 @@ def run_case(name: str, model: str, pairs: int, steps: int, threads: int) -> dic
     latents_l = torch.randn(latents_w.shape, generator=generator).to(device, dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for _ in range(steps):
-        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, generator)
-        noised = noise_pairs(stack.noise_scheduler, latents_w, latents_l, noise, timesteps)
-        target = prediction_target(stack.prediction_type, stack.noise_scheduler, noised.latents, noised.noise, noised.timesteps)
+        noise, timesteps = stack.noise_process.draw(latents_w, generator)
+        noised = noise_pairs(stack.noise_process, latents_w, latents_l, noise, timesteps)
+        target = stack.noise_process.target(noised.latents, noised.noise, noised.timesteps)
         with autocast:
             errors = pair_errors(policy, reference, noised, conditioning, target)
         loss, _ = METHODS[method].loss(errors, config.objective, None)

@@ -35,7 +35,7 @@ def run_case(finetune: str, objective: str, pairs: int, steps: int, threads: int
     import torch
 
     from diffpo.config import TrainConfig, from_dict
-    from diffpo.kernel.denoising import noise_pairs, pair_errors, pair_noise, prediction_target
+    from diffpo.kernel.denoising import noise_pairs, pair_errors
     from diffpo.models.loading import unet_denoiser
     from diffpo.models.reference import AdaptersDisabledReference, FrozenCopyReference
     from diffpo.objectives import METHODS
@@ -63,10 +63,9 @@ def run_case(finetune: str, objective: str, pairs: int, steps: int, threads: int
     gaps = []
 
     def step():
-        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, generator)
-        noised = noise_pairs(stack.noise_scheduler, latents_w, latents_l, noise, timesteps)
-        target = prediction_target(stack.prediction_type, stack.noise_scheduler, noised.latents, noised.noise,
-                                   noised.timesteps)
+        noise, timesteps = stack.noise_process.draw(latents_w, generator)
+        noised = noise_pairs(stack.noise_process, latents_w, latents_l, noise, timesteps)
+        target = stack.noise_process.target(noised.latents, noised.noise, noised.timesteps)
         errors = pair_errors(policy, reference, noised, conditioning, target)
         gaps.append(float((errors.policy_w - errors.policy_l).abs().mean()))  # simpo's beta acts on this raw gap
         loss, _ = METHODS[config.method].loss(errors, config.objective, None)

@@ -21,9 +21,11 @@ import platform
 import tempfile
 from collections import Counter
 from pathlib import Path
+import sys
 from threading import Lock
 
-from diffpo.loadtest import ServerProcess, run_load
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the load harness lives with the tests
+from loadtest import ServerProcess, run_load  # noqa: E402
 
 KEY = "bench-key"
 NO_LIMIT_FOR_THE_LOAD = ["--rate-limit", "6000000", "--rate-burst", "100000"]
@@ -68,7 +70,7 @@ def bench_prompt(args, folder: Path) -> dict:
 
 def bench_label(args, folder: Path) -> dict:
     from diffpo.data.rounds import LABELS
-    from diffpo.loadtest import write_synthetic_round
+    from loadtest import write_synthetic_round
 
     run_dir = folder / "run"
     manifest = write_synthetic_round(run_dir, size=64)

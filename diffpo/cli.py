@@ -39,12 +39,12 @@ def _cache(args) -> None:
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
                        config.model.prediction_type, config.model.vae, device=state.device,
-                       motion_adapter=config.model.motion_adapter)
+                       motion_adapter=config.model.motion_adapter, max_sequence_length=config.model.max_sequence_length)
     check_frames(config.data, stack)
     pairs = build_pairs(config.data, config.data.resolution or stack.native_resolution, config.seed)
     with disk_full_names(config.cache.dir, then="rerun `diffpo cache` (finished shards are kept)"):
         folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
-                             progress=state.is_main_process, process_index=state.process_index,
+                             text_dtype=config.cache.text_dtype, progress=state.is_main_process, process_index=state.process_index,
                              num_processes=state.num_processes, wait_for_everyone=state.wait_for_everyone)
     if state.is_main_process:
         bad = len(cached_bad_samples(folder))
@@ -174,7 +174,7 @@ def _load_heads(names: list[str], option_pairs: list[str], device: str = "cpu", 
 
 
 def _score(args) -> None:
-    from diffpo.eval.score import score_folder, score_pairs
+    from diffpo.eval.scoring import score_folder, score_pairs
 
     if (args.images is None) == (args.pairs is None):
         raise ValueError("pass either --images DIR --prompts FILE or --pairs PARQUET")

@@ -39,6 +39,32 @@ class ModelConfig:
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler's own
     vae: str | None = None  # a separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)
     motion_adapter: str | None = None  # AnimateDiff: a MotionAdapter (hub id or folder) added to an SD1.x model's UNet
+    # flow-matching models (SD3/SD3.5, FLUX.1): how sigma is drawn per pair (Esser et al. 2024, Sec. 3.1)
+    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0  # logit_normal: sigma = sigmoid(N(logit_mean, logit_std)) before the shift
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode: the heavy-tail scale
+    flow_shift: float | None = None  # the static timestep shift (None: the scheduler config's, 3.0 for SD3)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # per-sample error weight by sigma
+    guidance: float | None = None  # guidance-distilled flow models (FLUX.1-dev): the embedded guidance value (None: 3.5)
+    max_sequence_length: int | None = None  # T5 tokens per prompt (None: the family's, 256 SD3 / 512 FLUX)
+
+    def flow_sampling(self):
+        """The ``FlowSampling`` these fields describe, or None when all are at their defaults (a DDPM
+        model then loads; a DDPM model given any of them is an error naming them)."""
+        from diffpo.kernel.noise_process import FlowSampling
+
+        sampling = FlowSampling(self.timestep_sampling, self.logit_mean, self.logit_std, self.mode_scale,
+                                self.loss_weighting, self.flow_shift)
+        return None if sampling == FlowSampling() else sampling
+
+    def __post_init__(self):
+        if self.logit_std <= 0:
+            raise ConfigError(f"model.logit_std={self.logit_std} must be > 0")
+        if self.flow_shift is not None and self.flow_shift <= 0:
+            raise ConfigError(f"model.flow_shift={self.flow_shift} must be > 0 (1.0: no shift)")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ConfigError(f"model.max_sequence_length={self.max_sequence_length} must be >= 1")
 
 
 @dataclass
@@ -48,7 +74,9 @@ class LoraConfig:
     rank: int = 8
     alpha: float | None = None  # None: alpha = rank (scale 1)
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # null: the family's attention projections (UNets: to_q, to_k, to_v, to_out.0; SD3 / FLUX add the
+    # joint attention's context projections add_q_proj, add_k_proj, add_v_proj, to_add_out)
+    target_modules: list[str] | None = None
     part: Literal["both", "spatial", "motion"] = "both"  # video UNets: spatial layers, motion modules, or both
 
     def __post_init__(self):
@@ -124,6 +152,8 @@ class CacheConfig:
     enabled: bool = False
     dir: str = ".cache/diffpo"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # text embeddings: auto = the family's choice (bf16 for SD3 / FLUX, whose T5 states are 4096 wide), else dtype
+    text_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     shard_size: int = 1024  # pairs per safetensors shard
 
 

@@ -74,8 +74,8 @@ class QuickstartConfig:
 
 QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo.yaml", "dro": "quickstart_dro.yaml",
                       "smpo": "quickstart_smpo.yaml"}
-MODEL_PRESETS = {"video": "quickstart_video.yaml"}  # model=video: the video preset, whatever the method
-QUICKSTART_MODELS = {"video": "tiny-video"}  # quickstart model names -> bundled models
+MODEL_PRESETS = {"video": "quickstart_video.yaml", "flow": "quickstart_flow.yaml"}  # model presets, whatever the method
+QUICKSTART_MODELS = {"video": "tiny-video", "flow": "tiny-flow"}  # quickstart model names -> bundled models
 WINNERS_ONLY = ("seppo", "dro")  # methods that train on preferred images alone (SePPO winners, DRO experts)
 
 
@@ -122,8 +122,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     pipe.set_progress_bar_config(disable=True)
     frames = config.num_frames if stack.is_video else None  # None: an image model
     captions_of, category_of = _world(stack.is_video)
-    size = stack.unet.config.sample_size
-    shape = (stack.unet.config.in_channels, size, size) if frames is None else (stack.unet.config.in_channels, frames, size, size)
+    shape = stack.family.pipeline_latent_shape(pipe, None, frames)  # x_T: (C, [F,] h, w), UNet or flow transformer
 
     # held-out captions never reach training: not in the pairs, the D3PO rounds or the rendered winners
     train_captions, heldout_captions = split_captions(captions_of(), config.heldout_prompts, config.num_prompts,
@@ -355,4 +354,5 @@ def _load_trained(pipe, stack, final: Path, finetune: str) -> None:
     if finetune == "lora":
         pipe.load_lora_weights(str(final))
     else:
-        pipe.unet = stack.family.unet_class.from_pretrained(final / "unet").to(stack.unet.device)
+        attr = stack.family.denoiser_attr  # final/unet, or final/transformer (SD3, FLUX)
+        setattr(pipe, attr, stack.family.unet_class.from_pretrained(final / attr).to(stack.unet.device))

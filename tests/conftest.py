@@ -88,6 +88,30 @@ def label_server_thread(run_dir, round_index=None, **options):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A randomly initialised tiny StableDiffusion3Pipeline folder (diffusers format)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffpo.models.tiny import build_tiny_sd3_components
+
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    StableDiffusion3Pipeline(**build_tiny_sd3_components(seed=0)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A randomly initialised tiny FluxPipeline folder (guidance embedding, dynamic shift)."""
+    from diffusers import FluxPipeline
+
+    from diffpo.models.tiny import build_tiny_flux_components
+
+    path = tmp_path_factory.mktemp("tiny-flux")
+    FluxPipeline(**build_tiny_flux_components(seed=0)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_animatediff_dir(tmp_path_factory):
     """A randomly initialised tiny AnimateDiffPipeline (UNetMotionModel) in the diffusers folder format."""
     from diffusers import AnimateDiffPipeline

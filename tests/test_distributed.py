@@ -180,3 +180,26 @@ def test_two_processes_share_the_cache_build(tmp_path, tiny_sd_dir, pairs16):
     for shard in sorted(one.glob("*.safetensors")):
         a, b = load(shard), load(two / shard.name)
         assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a), shard.name
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_on_a_flow_transformer(tmp_path, tiny_sd3_dir, pairs16):
+    """The same invariant on SD3 (rectified flow, joint-attention LoRA): sigma and noise come from the
+    pairs' own streams, so 2 processes x batch 2 = 1 process x batch 4."""
+    if not TORCHRUN.is_file():
+        pytest.skip(f"torchrun is not installed next to {sys.executable}")
+    flow = ["max_steps=3", "data.resolution=32", "objective.beta=500", "lora.target_modules=null", "optim.warmup_steps=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    two = tmp_path / "two"
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "diffpo", "train", "configs/diffusion_dpo/tiny.yaml",
+               *_overrides(tiny_sd3_dir, pairs16, two, "train_batch_size=2", *flow)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = run_training(load_config(TrainConfig, "configs/diffusion_dpo/tiny.yaml",
+                                   _overrides(tiny_sd3_dir, pairs16, tmp_path / "one", "train_batch_size=4", *flow)))
+    _assert_same_weights(two, one)
+    assert any(".add_q_proj." in k for k in load_file(two / LORA))
+    for a, b in zip(_metrics(two), _metrics(one)):
+        for key in ("loss", "policy_gap", "ref_gap", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

@@ -5,6 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffpo.kernel.denoising import noise_pairs, pair_errors, pair_noise, per_sample_error, prediction_target
+from diffpo.kernel.noise_process import DDPMProcess
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def test_winner_and_loser_share_noise_and_timestep(scheduler):
     gen = torch.Generator().manual_seed(0)
     lw, ll = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     noise, t = pair_noise(lw, 1000, gen)
-    noised = noise_pairs(scheduler, lw, ll, noise, t)
+    noised = noise_pairs(DDPMProcess(scheduler, "epsilon"), lw, ll, noise, t)
     nw, nl = noised.noise.chunk(2)
     tw, tl = noised.timesteps.chunk(2)
     assert torch.equal(nw, nl) and torch.equal(tw, tl)
@@ -48,7 +49,7 @@ def test_input_perturbation_is_shared_and_not_in_target(scheduler):
     lw = ll = torch.zeros(2, 4, 4, 4)
     noise, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 500])
     pert = torch.randn(2, 4, 4, 4)
-    noised = noise_pairs(scheduler, lw, ll, noise, t, input_perturbation=0.1, perturbation=pert)
+    noised = noise_pairs(DDPMProcess(scheduler, "epsilon"), lw, ll, noise, t, input_perturbation=0.1, perturbation=pert)
     xw, xl = noised.noisy.chunk(2)
     assert torch.equal(xw, xl)
     abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -80,7 +81,7 @@ def test_pair_errors_one_concatenated_forward_each_and_reference_without_grad(sc
 
     lw, ll = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
     noise, t = pair_noise(lw, 1000, torch.Generator().manual_seed(1))
-    noised = noise_pairs(scheduler, lw, ll, noise, t)
+    noised = noise_pairs(DDPMProcess(scheduler, "epsilon"), lw, ll, noise, t)
     errors = pair_errors(policy, reference, noised, {}, noised.noise)
     assert calls == [("policy", 6), ("reference", 6, False)]
     assert errors.policy_w.requires_grad and not errors.ref_w.requires_grad
@@ -91,4 +92,4 @@ def test_pair_errors_one_concatenated_forward_each_and_reference_without_grad(sc
 
 def test_mismatched_pair_shapes_raise(scheduler):
     with pytest.raises(ValueError, match="differ"):
-        noise_pairs(scheduler, torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 4, 4), torch.zeros(2, dtype=torch.long))
+        noise_pairs(DDPMProcess(scheduler, "epsilon"), torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 4, 4), torch.zeros(2, dtype=torch.long))

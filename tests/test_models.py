@@ -80,7 +80,7 @@ def test_loss_is_log2_at_initialisation_through_the_real_kernel(stack):
     gen = torch.Generator().manual_seed(0)
     lw, ll = torch.randn(3, 4, 16, 16, generator=gen), torch.randn(3, 4, 16, 16, generator=gen)
     noise, t = pair_noise(lw, 1000, gen)
-    noised = noise_pairs(stack.noise_scheduler, lw, ll, noise, t)
+    noised = noise_pairs(stack.noise_process, lw, ll, noise, t)
     target = prediction_target("epsilon", stack.noise_scheduler, noised.latents, noised.noise, noised.timesteps)
     cond = stack.family.unet_conditioning(stack.encode_prompts(["a"] * 3).repeat_pairs())
     errors = pair_errors(unet_denoiser(stack.unet), AdaptersDisabledReference(stack.unet), noised, cond, target)

@@ -32,7 +32,7 @@ def report(tmp_path_factory):
     from diffpo.data.shapes import sample_shapes
     from diffpo.eval.comparison import StatsOptions
     from diffpo.eval.runner import report_samples
-    from diffpo.eval.score import to_tensor
+    from diffpo.eval.scoring import to_tensor
     from diffpo.rewards import load
 
     shapes = sample_shapes(24, size=32, seed=0)

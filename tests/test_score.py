@@ -124,7 +124,7 @@ def pixels_of(image) -> torch.Tensor:
 
 
 def test_score_preference_label_ties_and_bad_options(capsys, tmp_path):
-    from diffpo.eval.score import preference_label
+    from diffpo.eval.scoring import preference_label
 
     assert [preference_label(2, 1), preference_label(1, 2), preference_label(1, 1)] == [1.0, 0.0, 0.5]
     assert np.isnan(preference_label(float("nan"), 1))

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from diffpo.loadtest import ServerProcess, run_load
+from loadtest import ServerProcess, run_load
 
 CLIENTS, PER_CLIENT = 50, 20
 KEY = "load-test-key"
@@ -63,7 +63,7 @@ def test_prompt_api_answers_50_concurrent_clients_correctly(tmp_path):
 @pytest.fixture
 def big_round(tmp_path):
     """A round of 20 groups x 3 samples (60 pairs) with small PNGs."""
-    from diffpo.loadtest import write_synthetic_round
+    from loadtest import write_synthetic_round
 
     return write_synthetic_round(tmp_path / "run")
 

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pytest
 from conftest import label_server_thread
 
-from diffpo.loadtest import ServerProcess
+from loadtest import ServerProcess
 from diffpo.serving import (InFlight, RateLimiter, exposure_warning, host_header_allowed, is_loopback, key_matches,
                             presented_key, resolve_api_key)
 

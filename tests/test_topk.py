@@ -8,7 +8,7 @@ from conftest import make_pairs
 from diffpo.cli import main
 from diffpo.data.topk import top_k_images
 from diffpo.data.writer import write_pairs_parquet
-from diffpo.eval.score import to_tensor
+from diffpo.eval.scoring import to_tensor
 from diffpo.rewards import load
 
 

@@ -65,13 +65,14 @@ def test_kernel_on_5d_latents_shares_noise_and_timestep_across_the_pair_and_the_
     from diffusers import DDPMScheduler
 
     from diffpo.kernel.denoising import noise_pairs, pair_noise, per_sample_error
+    from diffpo.kernel.noise_process import DDPMProcess
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     g = torch.Generator().manual_seed(0)
     w, lo = torch.randn(3, 4, 5, 2, 2, generator=g), torch.randn(3, 4, 5, 2, 2, generator=g)  # (B, C, F, H, W)
     noise, t = pair_noise(w, 1000, torch.Generator().manual_seed(1))
     assert noise.shape == w.shape and t.shape == (3,)
-    noised = noise_pairs(scheduler, w, lo, noise, t)
+    noised = noise_pairs(DDPMProcess(scheduler, "epsilon"), w, lo, noise, t)
     assert torch.equal(noised.noise[:3], noised.noise[3:]) and torch.equal(noised.timesteps[:3], noised.timesteps[3:])
     a = scheduler.alphas_cumprod[t]
     for b in range(3):
@@ -397,7 +398,7 @@ def test_video_quickstart_end_to_end_writes_the_video_report(tmp_path, tiny_anim
 
 def test_diffpo_eval_generates_scores_and_reports_clips_of_a_video_model(tmp_path, tiny_animatediff_dir):
     from diffpo.eval.config import load_eval_config
-    from diffpo.eval.generation import load_sample
+    from diffpo.eval.generate import load_sample
     from diffpo.eval.runner import run_eval
 
     (tmp_path / "prompts.txt").write_text("a red circle moving left on a blue background\n"

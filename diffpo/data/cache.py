@@ -31,6 +31,7 @@ from diffpo.data.pairs import DataError, PreferencePairs, collate_pairs, flip_de
 from diffpo.dtypes import DTYPES
 
 FORMAT_VERSION = 2
+TEXT_KEYS = ("hidden", "pooled")  # the text-encoder outputs among a shard's tensors
 BUILT_FOR = ("source", "revision", "family", "weights", "resolution", "crop", "flip_views", "frames", "dataset", "rows",
              "dtype", "version")  # what meta.json records and a stale-cache message compares
 
@@ -48,7 +49,16 @@ def weights_fingerprint(modules, samples: int = 4096) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_content(stack, dataset: PreferencePairs, dtype: str) -> dict:
+def text_store_dtype(stack, dtype: str, text_dtype: str = "auto") -> str:
+    """The dtype text embeddings are stored in: ``text_dtype``, or for ``auto`` the family's choice
+    (bf16 for the T5 states of SD3 / FLUX: T5-XXL never has to run in training, at half the bytes)
+    and else the latents' ``dtype``."""
+    if text_dtype != "auto":
+        return text_dtype
+    return getattr(stack.family, "cache_text_dtype", None) or dtype
+
+
+def cache_content(stack, dataset: PreferencePairs, dtype: str, text_dtype: str = "auto") -> dict:
     """Everything the cached tensors depend on."""
     content = {
         "version": FORMAT_VERSION,
@@ -68,6 +78,11 @@ def cache_content(stack, dataset: PreferencePairs, dtype: str) -> dict:
     }
     if dataset.num_frames is not None:  # video clips (image caches keep their keys)
         content["frames"] = {"num_frames": dataset.num_frames, "stride": dataset.frame_stride}
+    text_store = text_store_dtype(stack, dtype, text_dtype)
+    if text_store != dtype:  # caches of text in the latents' dtype keep their keys
+        content["text_dtype"] = text_store
+    if getattr(stack, "max_sequence_length", None) is not None:
+        content["max_sequence_length"] = stack.max_sequence_length
     return content
 
 
@@ -75,9 +90,9 @@ def _key(content: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cache_key(stack, dataset: PreferencePairs, dtype: str) -> str:
+def cache_key(stack, dataset: PreferencePairs, dtype: str, text_dtype: str = "auto") -> str:
     """A hash of everything the cached tensors depend on."""
-    return _key(cache_content(stack, dataset, dtype))
+    return _key(cache_content(stack, dataset, dtype, text_dtype))
 
 
 def _built_for(content: dict) -> dict:
@@ -101,15 +116,16 @@ def check_not_stale(folder: Path, content: dict) -> None:
 
 def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: str = "fp32", shard_size: int = 1024,
                 batch_size: int = 16, progress: bool = True, process_index: int = 0, num_processes: int = 1,
-                wait_for_everyone=lambda: None) -> Path:
+                wait_for_everyone=lambda: None, text_dtype: str = "auto") -> Path:
     """Encode ``dataset`` into ``cache_root/<key>/``; returns the folder (reused when complete).
 
     ``cache_root`` may itself be a complete cache folder: it is used when it matches, refused
-    (``DataError`` naming what differs) when it was built for another model or data.
+    (``DataError`` naming what differs) when it was built for another model or data. Text embeddings
+    are stored in ``text_store_dtype(stack, dtype, text_dtype)``.
     Several processes share the work: process i encodes shards i, i + n, i + 2n, ...; after
     ``wait_for_everyone`` (a barrier) process 0 writes the empty prompt, ``bad_samples.jsonl``
     (from every shard's metadata) and ``meta.json``."""
-    content = cache_content(stack, dataset, dtype)
+    content = cache_content(stack, dataset, dtype, text_dtype)
     if (Path(cache_root) / "meta.json").is_file():
         check_not_stale(Path(cache_root), content)
         return Path(cache_root)
@@ -125,7 +141,7 @@ def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: 
 
             raise output_dir_error(Path(cache_root), error, key="cache.dir") from None
     wait_for_everyone()
-    store = DTYPES[dtype]
+    store, text_store = DTYPES[dtype], DTYPES[text_store_dtype(stack, dtype, text_dtype)]
     views = dataset.flip != "none"
     saved_flip, saved_epoch = dataset.flip, dataset.epoch
     dataset.flip = "none"  # the cache holds the plain view (and the mirrored one when flipping)
@@ -148,7 +164,8 @@ def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: 
                 batch = collate_pairs([dataset[i] for i in range(b, min(b + batch_size, stop))])
                 shard_skipped.extend(skipped_records(batch))
                 for key, value in encode_batch(stack, batch, views).items():
-                    parts.setdefault(key, []).append(value.to("cpu", store if value.is_floating_point() else value.dtype))
+                    kind = (text_store if key in TEXT_KEYS else store) if value.is_floating_point() else value.dtype
+                    parts.setdefault(key, []).append(value.to("cpu", kind))
                 bar.update(len(batch["index"]))
             tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
             tmp = folder / (name + ".tmp")
@@ -160,9 +177,9 @@ def build_cache(stack, dataset: PreferencePairs, cache_root: str | Path, dtype: 
     wait_for_everyone()  # every shard is on disk
     if process_index == 0:
         empty = stack.encode_prompts([""])
-        empty_tensors = {"hidden": empty.hidden.cpu().to(store).contiguous()}
+        empty_tensors = {"hidden": empty.hidden.cpu().to(text_store).contiguous()}
         if empty.pooled is not None:
-            empty_tensors["pooled"] = empty.pooled.cpu().to(store).contiguous()
+            empty_tensors["pooled"] = empty.pooled.cpu().to(text_store).contiguous()
         save_file(empty_tensors, str(folder / "empty_prompt.safetensors"))
         # the shards' metadata, not this process's list: other processes (or an interrupted build) wrote some
         skipped = [record for shard in shards for record in

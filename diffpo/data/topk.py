@@ -17,7 +17,7 @@ def top_k_images(source: str, reward, k: int, image_columns: tuple[str, ...] = (
     """Records {image (PIL), caption, score, row, column} of the ``k`` highest-scoring distinct images."""
     from diffpo.data.images import decode_image
     from diffpo.data.pairs import DataError, load_table
-    from diffpo.eval.score import score_batch
+    from diffpo.eval.scoring import score_batch
 
     if k < 1:
         raise ValueError(f"k={k} must be >= 1")

@@ -23,6 +23,7 @@ SCHEDULER_CLASSES = {  # name -> (diffusers class, config changes)
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),  # SD3 / FLUX: Euler steps of the flow ODE
 }
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -63,9 +64,10 @@ def resolve_model(entry: EvalModelConfig) -> ResolvedModel:
         base = resolve_source(meta.get("base_model") or entry.pretrained)
         if (final / LORA_WEIGHT_NAME).is_file():
             return ResolvedModel(base, lora=str(final))
-        if (final / "unet" / "config.json").is_file():
-            return ResolvedModel(base, unet=str(final / "unet"))
-        raise FileNotFoundError(f"{where}: {final} holds neither {LORA_WEIGHT_NAME} nor unet/")
+        for folder in ("unet", "transformer"):  # a full fine-tune: the family's denoiser folder
+            if (final / folder / "config.json").is_file():
+                return ResolvedModel(base, unet=str(final / folder))
+        raise FileNotFoundError(f"{where}: {final} holds neither {LORA_WEIGHT_NAME} nor unet/ (transformer/)")
     try:
         base = resolve_source(entry.pretrained)
     except FileNotFoundError as error:
@@ -106,7 +108,16 @@ class DiffusersBackend:
         if resolved.unet is not None:
             unet = stack.family.unet_class.from_pretrained(resolved.unet, subfolder=resolved.unet_subfolder,
                                                            torch_dtype=dtype).to(device).eval()
-        self.pipe = stack.pipeline(unet=unet, scheduler=make_scheduler(sampling.scheduler, stack.noise_scheduler.config))
+        family = stack.family
+        sampler = family.default_sampler if sampling.scheduler == "auto" else sampling.scheduler
+        if family.sampler_names is not None and sampler not in family.sampler_names:
+            raise ValueError(f"sampling.scheduler={sampler} does not sample {family.pipeline_class_name}: use "
+                             f"{' or '.join(family.sampler_names)} (or auto)")
+        if family.sampler_names is None and sampler == "flow-euler":
+            raise ValueError(f"sampling.scheduler=flow-euler samples flow-matching models; {family.pipeline_class_name} "
+                             "is a DDPM model: use ddim (or auto)")
+        self.pipe = stack.pipeline(unet=unet, scheduler=make_scheduler(sampler, stack.noise_scheduler.config))
+        self.family = family
         if resolved.lora is not None:
             lora = Path(resolved.lora)
             if lora.is_file():
@@ -121,8 +132,7 @@ class DiffusersBackend:
         self.resolution = sampling.resolution or stack.native_resolution
         side = self.resolution // stack.vae_scale_factor
         self.num_frames = sampling.num_frames if stack.is_video else None  # video: (C, F, h, w) noise, (F, 3, H, W) clips
-        self.latent_shape = ((self.pipe.unet.config.in_channels, side, side) if self.num_frames is None else
-                             (self.pipe.unet.config.in_channels, self.num_frames, side, side))
+        self.latent_shape = family.pipeline_latent_shape(self.pipe, side, self.num_frames)
         self.info = {"pipeline": type(self.pipe).__name__, "scheduler": type(self.pipe.scheduler).__name__,
                      "base": resolved.base, "lora": resolved.lora, "unet": resolved.unet,
                      "resolution": self.resolution, "steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
@@ -138,8 +148,10 @@ class DiffusersBackend:
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         latents, generators = self.initial_noise(seeds)
         video = {} if self.num_frames is None else {"num_frames": self.num_frames}
-        out = self.pipe(prompt=list(prompts), latents=latents.to(self.device, self.pipe.unet.dtype),
-                        height=self.resolution, width=self.resolution, num_inference_steps=self.sampling.steps,
-                        guidance_scale=self.sampling.guidance_scale, eta=self.sampling.eta, generator=generators,
-                        output_type="pt", **video)
+        denoiser = getattr(self.pipe, self.family.denoiser_attr)
+        inputs = {"height": self.resolution, "width": self.resolution,
+                  **self.family.pipeline_inputs(self.pipe, latents.to(self.device, denoiser.dtype),
+                                                self.sampling.guidance_scale, self.sampling.eta)}
+        out = self.pipe(prompt=list(prompts), num_inference_steps=self.sampling.steps, generator=generators,
+                        output_type="pt", **inputs, **video)
         return (out.images if self.num_frames is None else out.frames).float().cpu().clamp(0, 1)

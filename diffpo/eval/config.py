@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from diffpo.config import ConfigError, _suggest
 
-SCHEDULERS = ("ddim", "ddpm", "pndm", "euler", "euler-ancestral", "heun", "lms", "dpm++", "dpm++-karras",
-              "unipc")
+SCHEDULERS = ("auto", "ddim", "ddpm", "pndm", "euler", "euler-ancestral", "heun", "lms", "dpm++", "dpm++-karras",
+              "unipc", "flow-euler")
 MAX_IMAGES_PER_PROMPT = 1000  # seeds are seed * 10^7 + prompt_index * 1000 + image_index
 
 
@@ -19,7 +19,9 @@ MAX_IMAGES_PER_PROMPT = 1000  # seeds are seed * 10^7 + prompt_index * 1000 + im
 class SamplingConfig:
     """How every model samples (an entry of ``models`` may override any field)."""
 
-    scheduler: str = "ddim"  # ddim, ddpm, pndm, euler, euler-ancestral, heun, lms, dpm++, dpm++-karras, unipc
+    # auto (the model's: ddim for UNets, flow-euler for SD3 / FLUX), ddim, ddpm, pndm, euler, euler-ancestral,
+    # heun, lms, dpm++, dpm++-karras, unipc, flow-euler
+    scheduler: str = "auto"
     steps: int = 25
     guidance_scale: float = 5.0
     eta: float = 0.0  # DDIM/DDPM step noise; its draws come from the same per-image seed

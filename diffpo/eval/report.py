@@ -133,7 +133,7 @@ def histogram(rows: list[dict], models: list[str], metric: str, path: Path, bins
 
 def _video_media(rows: list[dict], root: Path, fps: int) -> dict[str, dict]:
     """GIF (and MP4 when possible) of every video sample, next to the film strips in media/."""
-    from diffpo.eval.generation import load_sample
+    from diffpo.eval.generate import load_sample
     from diffpo.eval.video import save_gif, save_mp4
 
     media = {}
@@ -178,7 +178,7 @@ def grid_png(rows: list[dict], models: list[str], prompts: list[int], root: Path
     import torch
 
     from diffpo.eval.generate import to_pil
-    from diffpo.eval.generation import load_sample
+    from diffpo.eval.generate import load_sample
     from diffpo.eval.grid import image_grid
 
     lookup = {(r["model"], r["prompt_index"]): r for r in rows if r["image_index"] == 0}

@@ -13,7 +13,7 @@ from typing import Callable
 from diffpo.config import save_config, to_dict
 from diffpo.eval.comparison import StatsOptions, compare
 from diffpo.eval.config import EvalConfig, EvalModelConfig, SamplingConfig, sampling_for, slug
-from diffpo.eval.generation import GenerationBackend, claim_sample_folder, generate_samples, plan_samples, write_manifest
+from diffpo.eval.generate import GenerationBackend, claim_sample_folder, generate_samples, plan_samples, write_manifest
 from diffpo.eval.prompts import load_prompts
 from diffpo.eval.report import ReportOptions, write_report
 from diffpo.eval.scoring import TEMPORAL, load_heads, score_samples
@@ -132,7 +132,7 @@ def report_samples(out_dir: str | Path, outputs: dict[str, "torch.Tensor"], prom
     ``outputs`` maps model names (the first is the baseline) to (N, 3, H, W) images or
     (N, F, 3, H, W) videos on the same ``seeds``; ``scores[metric][model]`` holds (N,) scores.
     The samples are written as PNGs under ``out_dir/samples/``; returns index.html."""
-    from diffpo.eval.generation import Sample, save_sample
+    from diffpo.eval.generate import Sample, save_sample
 
     out = Path(out_dir)
     prompt_indices = prompt_indices if prompt_indices is not None else list(range(len(prompts)))

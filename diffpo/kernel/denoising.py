@@ -95,7 +95,7 @@ def pair_noise(
 
 
 def noise_pairs(
-    scheduler,
+    process,
     latents_w: torch.Tensor,
     latents_l: torch.Tensor,
     noise: torch.Tensor,
@@ -103,7 +103,8 @@ def noise_pairs(
     input_perturbation: float = 0.0,
     perturbation: torch.Tensor | None = None,
 ) -> NoisedPairs:
-    """Noise winners and losers with the *same* ``noise`` and ``timesteps`` (each (B, ...)/(B,)).
+    """Noise winners and losers by ``process`` (``diffpo.kernel.noise_process``: DDPM or rectified
+    flow) with the *same* ``noise`` and ``timesteps`` (each (B, ...)/(B,), from ``process.draw``).
 
     ``input_perturbation`` (Ning et al. 2023) adds ``gamma * perturbation`` to the noise that
     builds x_t but not to the target; the perturbation is shared by the pair as well.
@@ -120,14 +121,15 @@ def noise_pairs(
         if perturbation is None:
             raise ValueError("input_perturbation > 0 needs a perturbation tensor")
         build_noise = noise2 + input_perturbation * perturbation.repeat(2, *([1] * (noise.ndim - 1)))
-    noisy = scheduler.add_noise(latents, build_noise, timesteps2)
+    noisy = process.add_noise(latents, build_noise, timesteps2)
     return NoisedPairs(noisy=noisy, noise=noise2, timesteps=timesteps2, latents=latents)
 
 
 def prediction_target(
     prediction_type: str, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
-    """What the UNet should predict: the noise (``epsilon``) or v = sqrt(a)·eps - sqrt(1-a)·x0."""
+    """What a DDPM UNet should predict: the noise (``epsilon``) or v = sqrt(a)·eps - sqrt(1-a)·x0
+    (the DDPM process's target; rectified flow's is in ``noise_process.RectifiedFlowProcess``)."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
@@ -138,18 +140,21 @@ def prediction_target(
     )
 
 
-def per_sample_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """e = mean over every non-batch dim of (target - prediction)^2, computed in fp32 -> (B,)."""
+def per_sample_error(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """e = mean over every non-batch dim of (target - prediction)^2, computed in fp32 -> (B,);
+    times ``weights`` (B,) when the noise process weights its loss (SD3's sigma_sqrt / cosmap)."""
     diff = target.float() - prediction.float()
-    return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
+    error = diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
+    return error if weights is None else error * weights.to(error.device, torch.float32)
 
 
 @dataclass
 class PairErrors:
-    """Per-pair errors of policy and reference on winners (w) and losers (l), each (B,)."""
+    """Per-pair errors of policy and reference on winners (w) and losers (l), each (B,); the
+    losers' entries are None when only the winners ran (SFT)."""
 
     policy_w: torch.Tensor
-    policy_l: torch.Tensor
+    policy_l: torch.Tensor | None
     ref_w: torch.Tensor | None
     ref_l: torch.Tensor | None
 
@@ -160,10 +165,31 @@ def pair_errors(
     noised: NoisedPairs,
     conditioning: dict,
     target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    winners_only: bool = False,
 ) -> PairErrors:
     """Errors of the policy (with grad) and the reference (no grad) from one forward each on the
-    concatenated (2B, ...) batch; ``reference=None`` skips it (reference-free objectives, SFT)."""
-    return batch_errors(policy, reference, noised.noisy, noised.timesteps, conditioning, target)
+    concatenated (2B, ...) batch; ``reference=None`` skips it (reference-free objectives, SFT).
+    ``weights`` (2B,): the process's per-sample error weights. ``winners_only`` runs the policy on
+    the winners' half alone (SFT: the losers would cost a forward and backward for nothing)."""
+    if winners_only:
+        if reference is not None:
+            raise ValueError("winners_only runs the policy alone: pass reference=None")
+        half = noised.noisy.shape[0] // 2
+        conditioning = {key: _first_half(value, half) for key, value in conditioning.items()}
+        prediction = policy(noised.noisy[:half], noised.timesteps[:half], conditioning)
+        error = per_sample_error(prediction, target[:half], None if weights is None else weights[:half])
+        return PairErrors(policy_w=error, policy_l=None, ref_w=None, ref_l=None)
+    return batch_errors(policy, reference, noised.noisy, noised.timesteps, conditioning, target, weights)
+
+
+def _first_half(value, half: int):
+    """The winners' rows of a conditioning entry: tensors and dicts of tensors (SDXL's added_cond_kwargs)."""
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == 2 * half:
+        return value[:half]
+    if isinstance(value, dict):
+        return {key: _first_half(inner, half) for key, inner in value.items()}
+    return value
 
 
 def batch_errors(
@@ -173,14 +199,15 @@ def batch_errors(
     timesteps: torch.Tensor,
     conditioning: dict,
     target: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> PairErrors:
     """``pair_errors`` on any concatenated [first half, second half] batch of noisy latents and
     targets (Diffusion-DRO: noised experts, then stored online samples against their own targets)."""
     prediction = policy(noisy, timesteps, conditioning)
-    policy_w, policy_l = per_sample_error(prediction, target).chunk(2)
+    policy_w, policy_l = per_sample_error(prediction, target, weights).chunk(2)
     ref_w = ref_l = None
     if reference is not None:
         with torch.no_grad():
             ref_prediction = reference(noisy, timesteps, conditioning)
-        ref_w, ref_l = per_sample_error(ref_prediction, target).chunk(2)
+        ref_w, ref_l = per_sample_error(ref_prediction, target, weights).chunk(2)
     return PairErrors(policy_w=policy_w, policy_l=policy_l, ref_w=ref_w, ref_l=ref_l)

@@ -298,3 +298,47 @@ def _gradient(loss_fn: Callable[[torch.Tensor], torch.Tensor], at: torch.Tensor)
     with torch.enable_grad():
         variable = at.detach().requires_grad_(True)
         return torch.autograd.grad(loss_fn(variable), variable)[0]
+
+
+# ---- rectified flow --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def invert_flow_to_sigmas(denoise: Denoiser, latents_0: torch.Tensor, cond: dict, sigmas: torch.Tensor, num_steps: int,
+                          renoise_steps: int = 2, average_from: int = 0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """x~_sigma for every sample at its own ``sigmas[b]``: Euler inversion of the flow ODE
+    dx/dsigma = v(x, sigma) from x_0 (sigma = 0) in ``num_steps`` equal steps sigma_b k / num_steps,
+    with ReNoise fixed-point iterations (Garibi et al., ECCV 2024, Alg. 1, written for the velocity):
+    the 0-th velocity is predicted at the current point (plain Euler inversion), the k-th at the
+    estimate x_prev + d·v_{k-1} of the next point and sigma; the step uses the mean of predictions
+    ``average_from`` .. ``renoise_steps - 1``. The defaults (one re-prediction averaged with the plain
+    one) mirror ``invert_to_timesteps``. The denoiser takes sigma · ``num_train_timesteps``."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be >= 1")
+    if not 0 <= average_from < renoise_steps:
+        raise ValueError(f"average_from={average_from} must lie in [0, renoise_steps={renoise_steps})")
+    model_dtype = latents_0.dtype
+    sample = latents_0.float()
+    sigmas = sigmas.float().to(sample.device)
+    shape = (-1, *[1] * (sample.ndim - 1))
+    prev = torch.zeros_like(sigmas)
+    for k in range(1, num_steps + 1):
+        current = sigmas * k / num_steps
+        step = (current - prev).view(shape)
+        estimate, at, total, count = sample, prev, None, 0
+        for j in range(renoise_steps):
+            velocity = denoise(estimate.to(model_dtype), at * num_train_timesteps, cond).float()
+            if j >= average_from:
+                total = velocity if total is None else total + velocity
+                count += 1
+            estimate, at = sample + step * velocity, current
+        sample = sample + step * (total / count)
+        prev = current
+    return sample
+
+
+def flow_inversion_target(x_t: torch.Tensor, x_0: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """v = (x_t - x_0) / sigma: the velocity of the straight path through x_0 and x_t, i.e. eps - x_0
+    for the eps with x_t = (1 - sigma) x_0 + sigma eps (SmPO's inversion target, for the velocity)."""
+    sigma = sigmas.float().to(x_t.device).view(-1, *[1] * (x_t.ndim - 1))
+    return (x_t.float() - x_0.float()) / sigma

@@ -37,11 +37,12 @@ def write_model_card(final: Path, config, stack, global_step: int, run_dir: Path
         load = (f'pipe = {pipeline}.from_pretrained("{stack.source}")\n'
                 f'pipe.load_lora_weights("path/to/this/folder")  # {final.name}/pytorch_lora_weights.safetensors')
         weights = (f"LoRA rank {config.lora.rank} (alpha {config.lora.alpha or config.lora.rank}) on "
-                   f"{', '.join(config.lora.target_modules)}, in peft key naming")
+                   f"{', '.join(config.lora.target_modules or stack.family.lora_targets)}, in peft key naming")
     else:
-        load = (f'unet = {stack.family.unet_class_name}.from_pretrained("path/to/this/folder/unet")\n'
-                f'pipe = {pipeline}.from_pretrained("{stack.source}", unet=unet)')
-        weights = "full fine-tuning: the whole denoiser in unet/"
+        attr = stack.family.denoiser_attr  # unet, or transformer (SD3, FLUX)
+        load = (f'{attr} = {stack.family.unet_class_name}.from_pretrained("path/to/this/folder/{attr}")\n'
+                f'pipe = {pipeline}.from_pretrained("{stack.source}", {attr}={attr})')
+        weights = f"full fine-tuning: the whole denoiser in {attr}/"
     lines = [
         "---",
         "library_name: diffusers",

@@ -1,5 +1,5 @@
-"""Model families: everything that differs between SD1.x/2.x, SDXL and the text-to-video stacks
-lives here and only here.
+"""Model families: everything that differs between SD1.x/2.x, SDXL, the text-to-video stacks and the
+flow-matching transformers (SD3/SD3.5, FLUX.1) lives here and only here.
 
 A family knows which components its pipeline folder holds, which UNet class it loads, how to turn
 prompts into UNet conditioning (SDXL: two text encoders, penultimate hidden states, pooled
@@ -7,6 +7,14 @@ embeddings and real ``add_time_ids`` from original size / crop offset / target s
 UNet's modules are temporal (video families: LoRA on spatial layers, motion modules or both), and
 which pipeline class loads and saves its LoRA weights. It is chosen from ``model_index.json``'s
 ``_class_name``. Video latents are (B, C, F, H, W) throughout; the kernel never needs to know.
+
+A family also builds the two things a trainer calls without knowing the model: the noise process
+(``noise_process``: DDPM for the UNets, rectified flow for SD3 and FLUX) and the denoiser
+(``denoiser``: (x_t, timesteps, conditioning) -> prediction, for a UNet or a transformer; FLUX's
+2x2 packing, position ids and guidance embedding stay inside it). ``denoiser_attr`` names the
+pipeline component that denoises (``unet`` / ``transformer``: its subfolder, its pipeline argument,
+``final/<denoiser_attr>`` of a full fine-tune) and ``lora_layers_argument`` the keyword of the
+pipeline's ``save_lora_weights``.
 """
 
 from __future__ import annotations
@@ -42,9 +50,10 @@ class TextEmbeddings:
         )
 
 
-def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
+def _tokenize(tokenizer, prompts: list[str], device, max_length: int | None = None) -> torch.Tensor:
     ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
     ).input_ids
     return ids.to(device)
 
@@ -56,6 +65,14 @@ class StableDiffusionFamily:
     pipeline_class_name = "StableDiffusionPipeline"
     unet_class_name = "UNet2DConditionModel"
     text_encoder_names = (("tokenizer", "text_encoder", "CLIPTextModel"),)
+    tokenizer_class_names: tuple[str, ...] = ("CLIPTokenizer",)  # one per text encoder, transformers classes
+    denoiser_attr = "unet"  # the pipeline component that denoises (and its folder)
+    lora_layers_argument = "unet_lora_layers"  # the pipeline's save_lora_weights keyword for it
+    training_scheduler_class_name = "DDPMScheduler"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # lora.target_modules=null: the attention projections
+    cache_text_dtype: str | None = None  # the text embeddings' cache dtype when cache.text_dtype=auto (None: cache.dtype)
+    takes_guidance = False  # a guidance-embedding value goes into every forward (FLUX.1-dev: model.guidance)
+    max_sequence_length: int | None = None  # T5 tokens per prompt (families with a T5 encoder)
     # components a pipeline is built without (diffpo trains none of them)
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     video = False
@@ -75,13 +92,66 @@ class StableDiffusionFamily:
 
         return getattr(diffusers, self.pipeline_class_name)
 
-    def encode_prompts(self, tokenizers, text_encoders, prompts: list[str]) -> TextEmbeddings:
+    def encode_prompts(self, tokenizers, text_encoders, prompts: list[str], max_sequence_length: int | None = None) -> TextEmbeddings:
         encoder = text_encoders[0]
         hidden = encoder(_tokenize(tokenizers[0], prompts, encoder.device))[0]
         return TextEmbeddings(hidden)
 
     def unet_conditioning(self, text: TextEmbeddings, time_ids: torch.Tensor | None = None) -> dict:
         return {"encoder_hidden_states": text.hidden}
+
+    @property
+    def scheduler_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.training_scheduler_class_name)
+
+    def noise_process(self, scheduler, prediction_type: str, flow_sampling=None):
+        """The DDPM forward process of ``scheduler`` with ``prediction_type`` targets."""
+        from diffpo.kernel.noise_process import DDPMProcess
+
+        if flow_sampling is not None:
+            raise ValueError(f"model.timestep_sampling / loss_weighting / flow_shift apply to flow-matching models; "
+                             f"{self.pipeline_class_name} is a DDPM model: leave them at their defaults")
+        return DDPMProcess(scheduler, prediction_type)
+
+    def denoiser(self, unet, guidance: float | None = None):
+        """The kernel's ``Denoiser`` for a UNet: (x_t, t, conditioning) -> raw prediction. Video UNets
+        take (B, C, F, H, W) latents; those that want their text per frame get it repeated here."""
+        per_frame = text_per_frame(unet)
+
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+            if per_frame:
+                conditioning = repeat_text_per_frame(conditioning, noisy.shape[2])
+            return unet(noisy, timesteps, **conditioning, return_dict=False)[0]
+
+        return denoise
+
+    def sampling_scheduler(self, training_scheduler):
+        """The scheduler a pipeline built by diffpo samples with (DDIM for the DDPM UNets)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(training_scheduler.config)
+
+    def latent_channels(self, stack) -> int:
+        return int(stack.unet.config.in_channels)
+
+    default_sampler = "ddim"  # sampling.scheduler=auto
+    sampler_names: tuple[str, ...] | None = None  # the eval samplers this family takes (None: every DDPM-family one)
+
+    def pipeline_latent_shape(self, pipe, side: int | None = None, num_frames: int | None = None) -> tuple[int, ...]:
+        """x_T's shape (C, [F,] h, w) for ``pipe``; ``side``: latent height and width (None: native)."""
+        unet = getattr(pipe, self.denoiser_attr)
+        side = side or unet.config.sample_size
+        channels = unet.config.in_channels
+        return (channels, side, side) if num_frames is None else (channels, num_frames, side, side)
+
+    def pipeline_inputs(self, pipe, latents: torch.Tensor, guidance_scale: float, eta: float) -> dict:
+        """The keyword arguments of ``pipe(...)`` that start it from ``latents`` (N, C, [F,] h, w)."""
+        return {"latents": latents, "guidance_scale": guidance_scale, "eta": eta}
+
+    def native_resolution(self, stack) -> int:
+        return int(stack.unet.config.sample_size) * stack.vae_scale_factor
 
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
@@ -95,8 +165,9 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         ("tokenizer", "text_encoder", "CLIPTextModel"),
         ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
     )
+    tokenizer_class_names = ("CLIPTokenizer", "CLIPTokenizer")
 
-    def encode_prompts(self, tokenizers, text_encoders, prompts: list[str]) -> TextEmbeddings:
+    def encode_prompts(self, tokenizers, text_encoders, prompts: list[str], max_sequence_length: int | None = None) -> TextEmbeddings:
         hiddens, pooled = [], None
         for tokenizer, encoder in zip(tokenizers, text_encoders):
             out = encoder(_tokenize(tokenizer, prompts, encoder.device), output_hidden_states=True)
@@ -149,11 +220,203 @@ class TextToVideoFamily(StableDiffusionFamily):
     supports_lora = False
 
 
+class StableDiffusion3Family(StableDiffusionFamily):
+    """SD3 / SD3.5 (Esser et al. 2024): an MMDiT ``SD3Transformer2DModel`` with joint attention over
+    image and text tokens, trained by rectified flow with a static timestep shift (3.0).
+
+    Text: CLIP-L and CLIP-G penultimate hidden states side by side (77 tokens, 768 + 1280), padded
+    with zeros (or cut, as the pipeline's ``F.pad`` does) to T5's width and followed by T5-XXL's
+    last hidden state (``max_sequence_length`` tokens): (N, 77 + L, 4096); pooled = CLIP-L and CLIP-G
+    projections side by side (N, 2048). 16-channel latents with the VAE's shift and scaling factors."""
+
+    name = "sd3"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    unet_class_name = "SD3Transformer2DModel"
+    denoiser_attr = "transformer"
+    lora_layers_argument = "transformer_lora_layers"
+    training_scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+    pipeline_extras = {"image_encoder": None, "feature_extractor": None}
+    text_encoder_names = (
+        ("tokenizer", "text_encoder", "CLIPTextModelWithProjection"),
+        ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
+        ("tokenizer_3", "text_encoder_3", "T5EncoderModel"),
+    )
+    tokenizer_class_names = ("CLIPTokenizer", "CLIPTokenizer", "T5TokenizerFast")
+    # joint attention: the image stream's projections and the text (context) stream's added ones
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    cache_text_dtype = "bf16"  # T5 states are (L, 4096) per prompt: bf16 halves the cache
+    max_sequence_length = 256  # T5 tokens (the pipeline's default)
+    latent_tokens = 1  # latent positions per image token for the dynamic shift (patching happens inside)
+
+    def encode_prompts(self, tokenizers, text_encoders, prompts: list[str], max_sequence_length: int | None = None) -> TextEmbeddings:
+        import torch.nn.functional as F
+
+        clip_hidden, pooled = [], []
+        for tokenizer, encoder in zip(tokenizers[:2], text_encoders[:2]):
+            out = encoder(_tokenize(tokenizer, prompts, encoder.device), output_hidden_states=True)
+            clip_hidden.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        t5 = text_encoders[2]
+        t5_hidden = t5(_tokenize(tokenizers[2], prompts, t5.device, max_sequence_length or self.max_sequence_length))[0]
+        clip = torch.cat(clip_hidden, dim=-1).to(t5_hidden.dtype)
+        clip = F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
+        return TextEmbeddings(torch.cat([clip, t5_hidden], dim=-2), torch.cat(pooled, dim=-1).to(t5_hidden.dtype))
+
+    def unet_conditioning(self, text: TextEmbeddings, time_ids: torch.Tensor | None = None) -> dict:
+        return {"encoder_hidden_states": text.hidden, "pooled_projections": text.pooled}
+
+    def noise_process(self, scheduler, prediction_type: str, flow_sampling=None):
+        """Rectified flow with the scheduler config's shift (FLUX: its dynamic shift when set)."""
+        from diffpo.kernel.noise_process import DynamicShift, FlowSampling, RectifiedFlowProcess
+
+        config = scheduler.config
+        dynamic = None
+        if config.get("use_dynamic_shifting", False):
+            dynamic = DynamicShift(config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+                                   config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096))
+        return RectifiedFlowProcess(flow_sampling or FlowSampling(), config.get("shift", 1.0), dynamic,
+                                    config.num_train_timesteps, self.latent_tokens)
+
+    def denoiser(self, transformer, guidance: float | None = None):
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+            return transformer(hidden_states=noisy, timestep=timesteps, **conditioning, return_dict=False)[0]
+
+        return denoise
+
+    def sampling_scheduler(self, training_scheduler):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(training_scheduler.config)
+
+    def latent_channels(self, stack) -> int:
+        return int(stack.vae.config.latent_channels)
+
+    default_sampler = "flow-euler"
+    sampler_names = ("flow-euler",)
+    native_latent_side = 128  # FLUX has no sample_size in its config: the pipeline's default (1024 px)
+
+    def pipeline_latent_shape(self, pipe, side: int | None = None, num_frames: int | None = None) -> tuple[int, ...]:
+        if num_frames is not None:
+            raise ValueError(f"{self.pipeline_class_name} is an image model: drop num_frames")
+        config = getattr(pipe, self.denoiser_attr).config
+        side = side or getattr(config, "sample_size", None) or self.native_latent_side
+        return (int(pipe.vae.config.latent_channels), side, side)
+
+    def pipeline_inputs(self, pipe, latents: torch.Tensor, guidance_scale: float, eta: float) -> dict:
+        """Flow samplers are deterministic ODE steps: ``eta`` > 0 has no meaning there."""
+        if eta:
+            raise ValueError(f"sampling.eta={eta} adds DDIM step noise; {self.pipeline_class_name} samples a "
+                             "deterministic flow ODE: set sampling.eta=0")
+        h, w = latents.shape[-2:]
+        return {"latents": self.packed(latents), "guidance_scale": guidance_scale,
+                "height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
+
+    def packed(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the pipeline takes them (SD3: as they are)."""
+        return latents
+
+    def native_resolution(self, stack) -> int:
+        return int(getattr(stack.unet.config, "sample_size", None) or 128) * stack.vae_scale_factor
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX's 2x2 patching: (B, C, H, W) -> (B, H/2 · W/2, 4C) tokens, row-major over patches, each
+    token's features channel-major over its 2x2 patch (as ``FluxPipeline._pack_latents``)."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX latents must have even height and width, got {h}x{w}: use a resolution divisible by "
+                         "16 (the VAE factor 8 times the 2x2 patch)")
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of ``pack_latents``: (B, h/2 · w/2, 4C) -> (B, C, h, w) for latent size h x w."""
+    b, _, features = tokens.shape
+    c = features // 4
+    patches = tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, c, height, width)
+
+
+def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """FLUX's RoPE position ids of the packed image tokens, (h/2 · w/2, 3): (0, row, column)."""
+    rows, cols = height // 2, width // 2
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(device, dtype)
+
+
+class FluxFamily(StableDiffusion3Family):
+    """FLUX.1 (Black Forest Labs 2024): ``FluxTransformer2DModel`` (double-stream joint-attention
+    blocks, then single-stream blocks) on 2x2-packed 16-channel latents with RoPE position ids,
+    rectified flow with a resolution-dependent (dynamic) shift.
+
+    Text: CLIP-L's pooled output (N, 768) and T5-XXL's last hidden state (N, L, 4096), L =
+    ``max_sequence_length`` (512 for dev, 256 for schnell). The guidance-distilled models (dev) take
+    the guidance value as an input embedding: ``model.guidance`` (diffusers' FLUX training default
+    3.5) is passed with every training forward."""
+
+    name = "flux"
+    pipeline_class_name = "FluxPipeline"
+    unet_class_name = "FluxTransformer2DModel"
+    text_encoder_names = (
+        ("tokenizer", "text_encoder", "CLIPTextModel"),
+        ("tokenizer_2", "text_encoder_2", "T5EncoderModel"),
+    )
+    tokenizer_class_names = ("CLIPTokenizer", "T5TokenizerFast")
+    # the double-stream blocks' joint attention (image and context projections); the single-stream
+    # blocks' attention has q/k/v only (its output goes through proj_out with the MLP)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    max_sequence_length = 512
+    latent_tokens = 4  # one image token per 2x2 latent patch
+    default_guidance = 3.5
+    takes_guidance = True
+
+    def packed(self, latents: torch.Tensor) -> torch.Tensor:
+        """FluxPipeline takes its initial latents packed; ``guidance_scale`` is then the embedded
+        guidance of FLUX.1-dev (true classifier-free guidance is its ``true_cfg_scale``)."""
+        return pack_latents(latents)
+
+    def encode_prompts(self, tokenizers, text_encoders, prompts: list[str], max_sequence_length: int | None = None) -> TextEmbeddings:
+        clip, t5 = text_encoders
+        pooled = clip(_tokenize(tokenizers[0], prompts, clip.device), output_hidden_states=False).pooler_output
+        hidden = t5(_tokenize(tokenizers[1], prompts, t5.device, max_sequence_length or self.max_sequence_length))[0]
+        return TextEmbeddings(hidden, pooled.to(hidden.dtype))
+
+    def denoiser(self, transformer, guidance: float | None = None):
+        """Packs (B, 16, h, w) latents into tokens, adds position ids and, for guidance-distilled
+        transformers, the guidance value; unpacks the velocity back to (B, 16, h, w). FLUX's
+        transformer takes timesteps / 1000 (it scales them back itself, as ``FluxPipeline`` passes them)."""
+        config = getattr(transformer, "module", transformer).config
+        embeds_guidance = bool(config.guidance_embeds)
+        scale = self.default_guidance if guidance is None else guidance
+
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+            b, _, h, w = noisy.shape
+            text = conditioning["encoder_hidden_states"]
+            out = transformer(
+                hidden_states=pack_latents(noisy),
+                timestep=timesteps / 1000,  # the transformer casts it to its own dtype
+                guidance=torch.full((b,), scale, device=noisy.device, dtype=noisy.dtype) if embeds_guidance else None,
+                pooled_projections=conditioning["pooled_projections"],
+                encoder_hidden_states=text,
+                txt_ids=torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+                img_ids=latent_image_ids(h, w, noisy.device, noisy.dtype),
+                return_dict=False,
+            )[0]
+            return unpack_latents(out, h, w)
+
+        return denoise
+
+
 FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionFamily(),
     "StableDiffusionXLPipeline": StableDiffusionXLFamily(),
     "AnimateDiffPipeline": AnimateDiffFamily(),
     "TextToVideoSDPipeline": TextToVideoFamily(),
+    "StableDiffusion3Pipeline": StableDiffusion3Family(),
+    "FluxPipeline": FluxFamily(),
 }
 TEXT_PER_FRAME_UNETS = ("UNetMotionModel",)  # UNet classes that take (B * F, L, D) text embeddings
 
@@ -172,6 +435,11 @@ def repeat_text_per_frame(conditioning: dict, num_frames: int) -> dict:
     """``encoder_hidden_states`` (B, L, D) -> (B * F, L, D), clip-major as diffusers' pipelines do."""
     hidden = conditioning["encoder_hidden_states"]
     return {**conditioning, "encoder_hidden_states": hidden.repeat_interleave(num_frames, 0)}
+
+
+def family_of_pipeline(pipe):
+    """The family of a pipeline object (an unregistered pipeline class: the SD1.x UNet family)."""
+    return FAMILIES.get(type(pipe).__name__, FAMILIES["StableDiffusionPipeline"])
 
 
 def family_for(pipeline_class_name: str):

@@ -11,7 +11,7 @@ import torch
 from diffpo.models.families import TextEmbeddings, family_for
 from diffpo.resources import assets_dir
 
-BUNDLED = {"tiny": "tiny-sd-shapes", "tiny-video": "tiny-video-shapes"}
+BUNDLED = {"tiny": "tiny-sd-shapes", "tiny-video": "tiny-video-shapes", "tiny-flow": "tiny-flow-shapes"}
 
 
 def resolve_source(pretrained: str) -> str:
@@ -47,7 +47,11 @@ def read_model_index(source: str, revision: str | None = None) -> dict:
 
 @dataclass
 class DiffusionStack:
-    """The components a trainer needs, plus the family that knows how to use them."""
+    """The components a trainer needs, plus the family that knows how to use them.
+
+    ``unet`` is the denoiser of any family: a UNet, or the transformer of SD3 / FLUX (the family's
+    ``denoiser_attr`` says which pipeline component it is). ``noise_process`` is the forward process
+    the trainers noise with (``diffpo.kernel.noise_process``), chosen by the family."""
 
     source: str
     family: object
@@ -55,10 +59,13 @@ class DiffusionStack:
     vae: torch.nn.Module
     text_encoders: list
     tokenizers: list
-    noise_scheduler: object  # DDPMScheduler for training
-    prediction_type: str
+    noise_scheduler: object  # the training scheduler: DDPMScheduler, or FlowMatchEulerDiscreteScheduler
+    prediction_type: str  # epsilon / v_prediction, or "flow" (velocity) for rectified-flow models
     revision: str | None = None
     extra: dict = field(default_factory=dict)
+    noise_process: object = None
+    guidance: float | None = None  # the guidance-embedding value of distilled flow models (FLUX.1-dev)
+    max_sequence_length: int | None = None  # T5 tokens (None: the family's default)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -66,7 +73,15 @@ class DiffusionStack:
 
     @property
     def native_resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.family.native_resolution(self)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.family.latent_channels(self)
+
+    def denoiser(self, module=None):
+        """The kernel's ``Denoiser`` over ``module`` (default: this stack's): (x_t, t, conditioning) -> prediction."""
+        return self.family.denoiser(self.unet if module is None else module, self.guidance)
 
     def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """A VAE latent sample mean + std·eps, shifted and scaled as the UNet expects."""
@@ -96,24 +111,25 @@ class DiffusionStack:
             n, f = latents.shape[0], latents.shape[2]
             frames = self.decode_latents(latents.transpose(1, 2).flatten(0, 1))
             return frames.view(n, f, *frames.shape[1:])
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).sample
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextEmbeddings:
-        return self.family.encode_prompts(self.tokenizers, self.text_encoders, list(prompts))
+        return self.family.encode_prompts(self.tokenizers, self.text_encoders, list(prompts), self.max_sequence_length)
 
     def load_unet(self, dtype=torch.float32):
-        """A fresh copy of the base UNet read from the source (for a frozen reference)."""
+        """A fresh copy of the base denoiser read from the source (for a frozen reference)."""
         if self.extra.get("motion_adapter"):
             return with_motion_adapter(self.source, self.extra["motion_adapter"], self.revision, dtype)
-        return self.family.unet_class.from_pretrained(self.source, subfolder="unet", revision=self.revision, torch_dtype=dtype)
+        return self.family.unet_class.from_pretrained(self.source, subfolder=self.family.denoiser_attr,
+                                                      revision=self.revision, torch_dtype=dtype)
 
     def pipeline(self, unet=None, scheduler=None):
-        """A diffusers pipeline over these components (optionally another UNet/scheduler)."""
-        from diffusers import DDIMScheduler
-
-        parts = {"unet": unet or self.unet, "vae": self.vae, "scheduler": scheduler or DDIMScheduler.from_config(self.noise_scheduler.config)}
+        """A diffusers pipeline over these components (optionally another denoiser/scheduler)."""
+        parts = {self.family.denoiser_attr: unet or self.unet, "vae": self.vae,
+                 "scheduler": scheduler or self.family.sampling_scheduler(self.noise_scheduler)}
         for (tok_name, enc_name, _), tok, enc in zip(self.family.text_encoder_names, self.tokenizers, self.text_encoders):
             parts[tok_name], parts[enc_name] = tok, enc
         parts.update(self.family.pipeline_extras)
@@ -129,17 +145,34 @@ def load_stack(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     motion_adapter: str | None = None,
+    flow_sampling=None,
+    guidance: float | None = None,
+    max_sequence_length: int | None = None,
 ) -> DiffusionStack:
-    """Load the UNet, VAE, text encoder(s), tokenizer(s) and a DDPM training scheduler.
+    """Load the denoiser (UNet or transformer), VAE, text encoder(s), tokenizer(s) and the family's
+    training scheduler and noise process.
 
     ``motion_adapter`` (AnimateDiff) turns an SD1.x model's UNet into a ``UNetMotionModel`` with
-    that adapter's motion modules; the stack is then of the AnimateDiff family."""
+    that adapter's motion modules; the stack is then of the AnimateDiff family. ``flow_sampling``
+    (``diffpo.kernel.noise_process.FlowSampling``): how flow models draw sigma during training;
+    ``guidance``: the guidance-embedding value of distilled flow models; ``max_sequence_length``:
+    T5 tokens per prompt."""
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
 
     source = resolve_source(pretrained)
     index = read_model_index(source, revision)
     family = family_for(index.get("_class_name", ""))
+    flow = family.training_scheduler_class_name != "DDPMScheduler"
+    if guidance is not None and not family.takes_guidance:
+        raise ValueError(f"model.guidance={guidance} is the guidance embedding of distilled flow models (FLUX.1-dev); "
+                         f"{index.get('_class_name')} has none: set model.guidance=null")
+    if max_sequence_length is not None and family.max_sequence_length is None:
+        raise ValueError(f"model.max_sequence_length={max_sequence_length} sets the T5 length; {index.get('_class_name')} "
+                         "has no T5 encoder: set model.max_sequence_length=null")
+    if flow and prediction_type is not None:
+        raise ValueError(f"model.prediction_type={prediction_type} sets a DDPM target; {index.get('_class_name')} is a "
+                         "flow-matching model (velocity target): set model.prediction_type=null")
     common = dict(revision=revision, variant=variant)
     if motion_adapter:
         if family.name != "sd":
@@ -148,20 +181,21 @@ def load_stack(
         family = family_for("AnimateDiffPipeline")
         unet = with_motion_adapter(source, motion_adapter, revision, dtype, variant)
     else:
-        unet = family.unet_class.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
+        unet = family.unet_class.from_pretrained(source, subfolder=family.denoiser_attr, torch_dtype=dtype, **common)
     vae_model = (
         AutoencoderKL.from_pretrained(resolve_source(vae), torch_dtype=dtype)
         if vae
         else AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
     )
     tokenizers, encoders = [], []
-    for tok_name, enc_name, enc_class in family.text_encoder_names:
-        tokenizers.append(transformers.CLIPTokenizer.from_pretrained(source, subfolder=tok_name, revision=revision))
+    for (tok_name, enc_name, enc_class), tok_class in zip(family.text_encoder_names, family.tokenizer_class_names, strict=True):
+        tokenizers.append(getattr(transformers, tok_class).from_pretrained(source, subfolder=tok_name, revision=revision))
         encoder_cls = getattr(transformers, enc_class)
         encoders.append(encoder_cls.from_pretrained(source, subfolder=enc_name, torch_dtype=dtype, **common))
-    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+    scheduler = family.scheduler_class.from_pretrained(source, subfolder="scheduler", revision=revision)
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
+    resolved_prediction = "flow" if flow else scheduler.config.prediction_type
     for module in [unet, vae_model, *encoders]:
         module.to(device)
         module.requires_grad_(False)
@@ -174,9 +208,12 @@ def load_stack(
         text_encoders=encoders,
         tokenizers=tokenizers,
         noise_scheduler=scheduler,
-        prediction_type=scheduler.config.prediction_type,
+        prediction_type=resolved_prediction,
         revision=revision,
         extra={"motion_adapter": motion_adapter} if motion_adapter else {},
+        noise_process=family.noise_process(scheduler, resolved_prediction, flow_sampling),
+        guidance=guidance,
+        max_sequence_length=max_sequence_length,
     )
 
 
@@ -191,15 +228,8 @@ def with_motion_adapter(source: str, adapter: str, revision: str | None, dtype: 
 
 
 def unet_denoiser(unet):
-    """The kernel's ``Denoiser`` for a UNet: (x_t, t, conditioning) -> raw prediction. Video UNets
-    take (B, C, F, H, W) latents; those that want their text per frame get it repeated here."""
-    from diffpo.models.families import repeat_text_per_frame, text_per_frame
+    """The kernel's ``Denoiser`` for a UNet of the DDPM families (tests and benchmarks on UNets);
+    trainers take ``stack.denoiser(module)``, which covers transformers too."""
+    from diffpo.models.families import StableDiffusionFamily
 
-    per_frame = text_per_frame(unet)
-
-    def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
-        if per_frame:
-            conditioning = repeat_text_per_frame(conditioning, noisy.shape[2])
-        return unet(noisy, timesteps, **conditioning, return_dict=False)[0]
-
-    return denoise
+    return StableDiffusionFamily().denoiser(unet)

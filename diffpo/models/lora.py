@@ -22,6 +22,8 @@ def attach_lora(unet, rank: int, alpha: float | None, dropout: float, target_mod
     ``target_modules`` as given."""
     from peft import LoraConfig
 
+    if target_modules is None:  # lora.target_modules=null: the family's attention projections
+        target_modules = list(family.lora_targets) if family is not None else ["to_q", "to_k", "to_v", "to_out.0"]
     targets = list(target_modules)
     if part != "both" or (family is not None and family.keyword_called):
         targets = lora_target_names(unet, targets, part, family)
@@ -62,7 +64,8 @@ def lora_target_names(unet, target_modules: list[str], part: str, family) -> lis
     return found
 
 
-def export_lora(unet, pipeline_class, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+def export_lora(unet, pipeline_class, out_dir: str | Path, state_dict: dict | None = None,
+                layers_argument: str = "unet_lora_layers") -> Path:
     """Write the UNet's LoRA as ``pytorch_lora_weights.safetensors`` (diffusers format, with the
     adapter config as metadata so alpha survives loading). ``state_dict``: the UNet's full state
     when its own parameters are shards (FSDP, ZeRO-3), gathered by ``accelerator.get_state_dict``.
@@ -70,7 +73,9 @@ def export_lora(unet, pipeline_class, out_dir: str | Path, state_dict: dict | No
     The keys stay in peft's one naming (``...to_q.lora_A.weight``): diffusers' old-format
     conversion renames only the attention processors' layers (``...to_q.lora.down.weight``), and a
     file that mixes the two namings is read with one of them, silently dropping the other's
-    modules. ``load_lora_weights`` reads peft naming as it is, every module."""
+    modules. ``load_lora_weights`` reads peft naming as it is, every module. ``layers_argument``: the
+    pipeline's ``save_lora_weights`` keyword for the denoiser (the family's ``lora_layers_argument``:
+    ``unet_lora_layers``, or ``transformer_lora_layers`` for SD3 / FLUX)."""
     from peft.utils import get_peft_model_state_dict
 
     out_dir = Path(out_dir)
@@ -78,8 +83,9 @@ def export_lora(unet, pipeline_class, out_dir: str | Path, state_dict: dict | No
     state = get_peft_model_state_dict(unet, state_dict=state_dict)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config["default"].to_dict()
+    component = layers_argument.removesuffix("_lora_layers")
     pipeline_class.save_lora_weights(
-        out_dir, unet_lora_layers=state, weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata
+        out_dir, weight_name=LORA_WEIGHT_NAME, **{layers_argument: state, f"{component}_lora_adapter_metadata": metadata}
     )
     return out_dir / LORA_WEIGHT_NAME
 

@@ -30,9 +30,9 @@ class AdaptersDisabledReference:
 
     kind = "adapters_disabled"
 
-    def __init__(self, unet):
+    def __init__(self, unet, make_denoiser=unet_denoiser):
         self.unet = unet
-        self._denoise = unet_denoiser(unet)
+        self._denoise = make_denoiser(unet)  # the family's denoiser (``stack.denoiser``): UNets and transformers
 
     def __call__(self, noisy, timesteps, conditioning):
         with torch.no_grad(), adapters_disabled(self.unet):
@@ -44,7 +44,7 @@ class FrozenCopyReference:
 
     kind = "frozen_copy"
 
-    def __init__(self, unet, device, dtype: torch.dtype, offload: bool = False):
+    def __init__(self, unet, device, dtype: torch.dtype, offload: bool = False, make_denoiser=unet_denoiser):
         unet.requires_grad_(False).eval()
         if offload:
             from accelerate import cpu_offload
@@ -54,7 +54,7 @@ class FrozenCopyReference:
         else:
             unet.to(device, dtype)
         self.unet, self.dtype = unet, dtype
-        self._denoise = unet_denoiser(unet)
+        self._denoise = make_denoiser(unet)
 
     def __call__(self, noisy, timesteps, conditioning):
         cast = {k: _cast(v, self.dtype) for k, v in conditioning.items()}
@@ -82,7 +82,7 @@ class LoraSnapshotReference:
 
     kind = "lora_snapshot"
 
-    def __init__(self, unet):
+    def __init__(self, unet, make_denoiser=unet_denoiser):
         import copy
         import warnings
 
@@ -93,7 +93,7 @@ class LoraSnapshotReference:
         unet.set_adapter("default")  # add_adapter activated the new one
         self.snapshot_id = None  # what is loaded: None (base) or the snapshot's id
         self.base = True
-        self._denoise = unet_denoiser(unet)
+        self._denoise = make_denoiser(unet)
 
     def load(self, snapshot: dict | None, snapshot_id=None) -> None:
         """Make ``snapshot`` (a LoRA state dict from ``policy_snapshot``; None: the base) the reference."""
@@ -124,9 +124,9 @@ class FullSnapshotReference(FrozenCopyReference):
 
     kind = "full_snapshot"
 
-    def __init__(self, unet, device, dtype: torch.dtype, offload: bool = False):
+    def __init__(self, unet, device, dtype: torch.dtype, offload: bool = False, make_denoiser=unet_denoiser):
         self.base_state = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
-        super().__init__(unet, device, dtype, offload)
+        super().__init__(unet, device, dtype, offload, make_denoiser)
         self.snapshot_id = None
 
     def load(self, snapshot: dict | None, snapshot_id=None) -> None:

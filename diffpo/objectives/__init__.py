@@ -29,6 +29,7 @@ class Method:
     loss: Callable  # offline pairs: (PairErrors, ObjectiveConfig, batch) -> (per-pair loss (B,), metrics); online: the step loss
     paper: str
     prepare: str | None = None  # offline pairs: how x_t and the target are made (None: shared noise; "inversion": SmPO)
+    uses_losers: bool = True  # offline pairs: False runs the policy on the winners alone (SFT)
 
 
 def _dpo(errors, objective, batch=None) -> tuple[torch.Tensor, dict]:
@@ -48,7 +49,8 @@ def _smpo(errors, objective, batch) -> tuple[torch.Tensor, dict]:
 
 METHODS: dict[str, Method] = {
     "diffusion_dpo": Method("offline_pairs", True, _dpo, "Wallace et al., Diffusion Model Alignment Using DPO, CVPR 2024"),
-    "sft": Method("offline_pairs", False, _sft, "supervised fine-tuning on preferred images (baseline)"),
+    "sft": Method("offline_pairs", False, _sft, "supervised fine-tuning on preferred images (baseline)",
+                  uses_losers=False),
     "smpo": Method("offline_pairs", True, _smpo, "Lu et al., Smoothed Preference Optimization via ReNoise Inversion "
                                                  "(SmPO), ICML 2025", prepare="inversion"),
     # online methods sample while training; diffpo.trainers.online calls their losses directly

@@ -16,8 +16,18 @@ import torch
 from diffpo.config import ConfigError, save_config
 from diffpo.errors import one_line
 
-CHECKPOINT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
+# the checkpoint folder layout lives in trainers.checkpoints (nonfinite and preflight read it too)
+from diffpo.trainers.checkpoints import (  # noqa: F401 - re-exported: the loops and tests import them from here
+    CHECKPOINT_PREFIX,
+    KILL_DURING_SAVE,
+    OLD_PREFIX,
+    STATE_FILE,
+    TMP_PREFIX,
+    checkpoint_complete,
+    checkpoint_dirs,
+    remove_unfinished_checkpoints,
+    resolve_resume,
+)
 
 
 PENDING_CONFIG = ".config.yaml.pending"  # the new run's config until the run starts (RunFiles.start)
@@ -157,64 +167,6 @@ def build_optimizer(params, optim, cpu_offload: bool = False):
                      weight_decay=optim.weight_decay)
 
 
-TMP_PREFIX = ".tmp-"  # a checkpoint being written; renamed to step-N once complete
-OLD_PREFIX = ".old-"  # a checkpoint of the same step being replaced
-KILL_DURING_SAVE = "DIFFPO_TEST_KILL_DURING_SAVE"  # tests only: SIGKILL this process mid-save at that step
-
-
-def checkpoint_complete(path: Path) -> bool:
-    """True when ``path`` holds a readable trainer state and every file its manifest lists, whole."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    files = state.get("files", {}) if isinstance(state, dict) else None
-    if not isinstance(files, dict):
-        return False
-    for name, size in files.items():
-        try:
-            if (path / name).stat().st_size != size:
-                return False
-        except OSError:
-            return False
-    return True
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written ones (``.tmp-*`` of a killed save) and
-    folders whose files do not match their manifest are never listed."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and checkpoint_complete(p)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def remove_unfinished_checkpoints(run_dir: Path) -> list[Path]:
-    """Delete what killed saves left in ``RUN_DIR/checkpoints`` (``.tmp-*``, ``.old-*``); returns them."""
-    root = run_dir / "checkpoints"
-    stale = [p for p in root.iterdir() if p.name.startswith((TMP_PREFIX, OLD_PREFIX))] if root.is_dir() else []
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
-
-
-def resolve_resume(run_dir: Path, resume_from: str | None) -> Path | None:
-    if not resume_from:
-        return None
-    if resume_from == "latest":
-        found = checkpoint_dirs(run_dir)
-        return found[-1] if found else None  # nothing saved yet: start from scratch
-    path = Path(resume_from)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"resume_from={resume_from!r} is not a diffpo checkpoint folder (no {STATE_FILE}); use 'latest' or a checkpoints/step-N folder")
-    if not checkpoint_complete(path):
-        raise ConfigError(f"resume_from={resume_from!r} is an incomplete checkpoint (its files do not match {STATE_FILE}): "
-                          "use 'latest' or an older checkpoints/step-N folder")
-    return path
-
-
 def save_checkpoint(accelerator, run_dir: Path, state: dict, keep: int | None,
                     extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write the training state (``training_state.save_training_state``: safetensors only) into a
@@ -345,7 +297,8 @@ def load_policy(config, accelerator, weight_dtype):
 
     stack = load_stack(config.model.pretrained, config.model.revision, config.model.variant,
                        config.model.prediction_type, config.model.vae, dtype=weight_dtype, device=accelerator.device,
-                       motion_adapter=config.model.motion_adapter)
+                       motion_adapter=config.model.motion_adapter, flow_sampling=config.model.flow_sampling(),
+                       guidance=config.model.guidance, max_sequence_length=config.model.max_sequence_length)
     unet = stack.unet
     if config.finetune == "lora":
         if not stack.family.supports_lora:
@@ -423,14 +376,16 @@ def export_final(accelerator, unet, stack, config, run_dir: Path, global_step: i
             ema.copy_to(params)
         final = run_dir / "final"
         if config.finetune == "lora":
-            export_lora(trained, stack.family.pipeline_class, final, state_dict=gathered)
-        elif gathered is None:
-            trained.save_pretrained(final / "unet", safe_serialization=True)
+            export_lora(trained, stack.family.pipeline_class, final, state_dict=gathered,
+                        layers_argument=stack.family.lora_layers_argument)
+        elif gathered is None:  # final/unet, or final/transformer (SD3, FLUX): the family's denoiser folder
+            trained.save_pretrained(final / stack.family.denoiser_attr, safe_serialization=True)
         else:
             from safetensors.torch import save_file
 
-            trained.save_config(final / "unet")
-            save_file({k: v.contiguous() for k, v in gathered.items()}, str(final / "unet" / "diffusion_pytorch_model.safetensors"))
+            folder = final / stack.family.denoiser_attr
+            trained.save_config(folder)
+            save_file({k: v.contiguous() for k, v in gathered.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
         (final / "diffpo.json").write_text(json.dumps({
             "base_model": stack.source, "finetune": config.finetune, "method": config.method,
             "steps": global_step, "pipeline_class": stack.family.pipeline_class_name,

@@ -29,11 +29,13 @@ from pathlib import Path
 
 import torch
 
+from diffpo.trainers.checkpoints import checkpoint_dirs
+
 
 def last_checkpoint(run_dir: Path, accelerator=None) -> str:
     """The last checkpoint of this run: the one it resumed from or saved last (never one an earlier
     run left in the same folder); without the run's accelerator, the newest in ``run_dir``."""
-    from diffpo.trainers.common import checkpoint_dirs, run_files
+    from diffpo.trainers.common import run_files  # common imports this module: a call-time import
 
     run = run_files(accelerator) if accelerator is not None else None
     if run is not None:

@@ -21,12 +21,10 @@ from diffpo.kernel.denoising import (
     PairStreams,
     noise_pairs,
     pair_errors,
-    pair_noise,
     per_sample_error,
-    prediction_target,
     to_device,
 )
-from diffpo.kernel.inversion import invert_to_timesteps, inversion_target
+from diffpo.kernel.noise_process import DDPMProcess
 from diffpo.models.families import TextEmbeddings, sdxl_time_ids
 from diffpo.objectives import METHODS
 from diffpo.objectives.variants import kto_feedback_loss
@@ -59,12 +57,10 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
-    from diffusers import DDIMScheduler
 
     from diffpo.data.bad_samples import BadSampleLog, skipped_records
     from diffpo.data.cache import CachedPairs, build_cache, cached_bad_samples
     from diffpo.data.pairs import build_pairs
-    from diffpo.models.loading import unet_denoiser
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.reference import AdaptersDisabledReference, FrozenCopyReference
 
@@ -86,9 +82,9 @@ def _train(config: TrainConfig) -> Path:
     reference = None
     # a reference-free objective (simpo) needs neither the reference forward nor a frozen copy
     if method.needs_reference and not config.objective.reference_free:
-        reference = (AdaptersDisabledReference(unet) if config.finetune == "lora" else
+        reference = (AdaptersDisabledReference(unet, stack.denoiser) if config.finetune == "lora" else
                      FrozenCopyReference(stack.load_unet(), accelerator.device, reference_dtype(config, weight_dtype),
-                                         config.reference.offload))
+                                         config.reference.offload, stack.denoiser))
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -99,8 +95,10 @@ def _train(config: TrainConfig) -> Path:
     if config.cache.enabled:
         # every process encodes its share of the shards (diffpo.data.cache.build_cache)
         folder = build_cache(stack, pairs, config.cache.dir, config.cache.dtype, config.cache.shard_size,
-                             progress=accelerator.is_main_process, process_index=accelerator.process_index,
+                             text_dtype=config.cache.text_dtype, progress=accelerator.is_main_process, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes, wait_for_everyone=accelerator.wait_for_everyone)
+        for encoder in stack.text_encoders:  # training reads their outputs from the cache: free the device (T5-XXL: 9.5 GB)
+            encoder.to("cpu")
         dataset = CachedPairs(folder, [pairs.caption(i) for i in range(len(pairs))], config.data.flip, config.seed)
         empty = dataset.empty_prompt()
         empty_text = TextEmbeddings(empty["hidden"].to(accelerator.device, weight_dtype),
@@ -130,17 +128,17 @@ def _train(config: TrainConfig) -> Path:
     if config.finetune == "lora":
         register_lora_checkpointing(accelerator, unet)
     ema = make_ema(config, params, accelerator)
-    policy = unet_denoiser(unet)
-    if method.prepare == "inversion":  # SmPO: the current policy inverts x_0 (no grad) along DDIM alphas
-        if stack.prediction_type != "epsilon":
+    policy = stack.denoiser(unet)
+    process = stack.noise_process  # DDPM or rectified flow: the family chose it
+    if method.prepare == "inversion":  # SmPO: the current policy inverts x_0 (no grad): DDIM, or the flow ODE
+        if isinstance(process, DDPMProcess) and stack.prediction_type != "epsilon":
             raise ConfigError(f"method={config.method} trains against an inversion noise target: it needs an epsilon-prediction model")
         if config.cache.enabled:
             raise ConfigError(f"method={config.method} reads reward scores with every pair: set cache.enabled=false")
         if config.data.score_columns is None:
             raise ConfigError(f"method={config.method} needs reward scores per image: set data.score_columns "
                               "(e.g. [pickscore_0, pickscore_1] from `diffpo score --pairs`)")
-        inverting_policy = unet_denoiser(accelerator.unwrap_model(unet))
-        inversion_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)
+        inverting_policy = stack.denoiser(accelerator.unwrap_model(unet))
     if accelerator.is_main_process:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 
@@ -166,16 +164,17 @@ def _train(config: TrainConfig) -> Path:
         latents = stack.latents_from_distribution(mean, std, eps).to(weight_dtype)
         drop = streams.rand() < config.data.prompt_dropout
         text = stack.encode_prompts(batch["caption"]).where(drop, empty_text)
-        noise, timesteps = pair_noise(latents, stack.noise_scheduler.config.num_train_timesteps, streams)
+        noise, timesteps = process.draw(latents, streams)
         time_ids = None
         if stack.family.name == "sdxl":
             time_ids = sdxl_time_ids(batch["original_size_w"], batch["crop_w"], resolution)
         conditioning = stack.family.unet_conditioning(text, time_ids)
-        noisy = stack.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = prediction_target(stack.prediction_type, stack.noise_scheduler, latents, noise, timesteps)
-        policy_err = per_sample_error(policy(noisy, timesteps, conditioning), target)
+        noisy = process.add_noise(latents, noise, timesteps)
+        target = process.target(latents, noise, timesteps)
+        weights = process.error_weights(timesteps)
+        policy_err = per_sample_error(policy(noisy, timesteps, conditioning), target, weights)
         with torch.no_grad():
-            ref_err = per_sample_error(reference(noisy, timesteps, conditioning), target)
+            ref_err = per_sample_error(reference(noisy, timesteps, conditioning), target, weights)
         per_image, metrics = kto_feedback_loss(policy_err, ref_err, torch.as_tensor(batch["desirable"]), config.objective.beta)
         return per_image.mean(), metrics
 
@@ -193,24 +192,23 @@ def _train(config: TrainConfig) -> Path:
         latents_w, latents_l = latents.chunk(2)
         drop = streams.rand() < config.data.prompt_dropout
         text = text.where(drop, empty_text).repeat_pairs()
-        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, streams)
-        noised = noise_pairs(stack.noise_scheduler, latents_w, latents_l, noise, timesteps)
+        noise, timesteps = process.draw(latents_w, streams)  # one noise and one timestep per pair
+        noised = noise_pairs(process, latents_w, latents_l, noise, timesteps)
         time_ids = None
         if stack.family.name == "sdxl":
             time_ids = sdxl_time_ids(torch.cat([batch["original_size_w"], batch["original_size_l"]]),
                                      torch.cat([batch["crop_w"], batch["crop_l"]]), resolution)
         conditioning = stack.family.unet_conditioning(text, time_ids)
-        if method.prepare == "inversion":  # SmPO: x_t from inverting x_0 with the current policy, target tau
-            noisy = invert_to_timesteps(inverting_policy, inversion_scheduler, noised.latents, conditioning,
-                                        noised.timesteps, config.objective.inversion_steps,
-                                        grid=config.objective.inversion_grid)
-            alphas = stack.noise_scheduler.alphas_cumprod[noised.timesteps.cpu()]
-            target = inversion_target(noisy, noised.latents, alphas).to(noised.latents.dtype)
+        if method.prepare == "inversion":  # SmPO: x_t from inverting x_0 with the current policy; its target
+            # (DDPM: the noise tau reaching x~_t in one jump; flow: the straight-path velocity (x~ - x_0) / sigma)
+            noisy = process.invert(inverting_policy, noised.latents, conditioning, noised.timesteps,
+                                   config.objective.inversion_steps, config.objective.inversion_grid)
+            target = process.inversion_target(noisy, noised.latents, noised.timesteps).to(noised.latents.dtype)
             noised = NoisedPairs(noisy.to(noised.latents.dtype), target, noised.timesteps, noised.latents)
         else:
-            target = prediction_target(stack.prediction_type, stack.noise_scheduler, noised.latents, noised.noise,
-                                       noised.timesteps)
-        errors = pair_errors(policy, reference, noised, conditioning, target)
+            target = process.target(noised.latents, noised.noise, noised.timesteps)
+        errors = pair_errors(policy, reference, noised, conditioning, target, process.error_weights(noised.timesteps),
+                             winners_only=not method.uses_losers)
         per_pair, metrics = method.loss(errors, config.objective, batch)
         return per_pair.mean(), metrics
 

@@ -92,9 +92,9 @@ def _train(config: TrainConfig) -> Path:
     from diffpo.eval.config import PromptSetConfig
     from diffpo.eval.prompts import load_prompts
     from diffpo.data.replay import ReplayBuffer
-    from diffpo.kernel.denoising import batch_errors, noise_pairs, pair_errors, pair_noise, prediction_target
+    from diffpo.kernel.denoising import batch_errors, noise_pairs, pair_errors
+    from diffpo.kernel.noise_process import DDPMProcess
     from diffpo.kernel.trajectory import rescore_transitions, sample_dpm_solver, sample_trajectory, solver_timesteps
-    from diffpo.models.loading import unet_denoiser
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.pool import load_pool, save_pool_entry
     from diffpo.models.reference import (
@@ -126,6 +126,11 @@ def _train(config: TrainConfig) -> Path:
     weight_dtype = MIXED_PRECISION_DTYPES[config.mixed_precision]
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
     check_free_space(run_dir, sum(p.numel() for p in params) * 4, config)
+    process = stack.noise_process
+    if not isinstance(process, DDPMProcess):  # the samplers below step along DDPM alphas (DDIM, DPM-Solver)
+        raise ConfigError(f"method={config.method} samples with DDIM / DPM-Solver along DDPM alphas; "
+                          f"{stack.family.pipeline_class_name} is a flow-matching model: train it offline "
+                          "(method=diffusion_dpo or sft on preference pairs)")
     if stack.is_video and config.method != "seppo":
         raise ConfigError(f"method={config.method} does not train video models yet (SePPO does): use method=seppo, or "
                           "method=diffusion_dpo / sft on video preference pairs")
@@ -135,20 +140,22 @@ def _train(config: TrainConfig) -> Path:
     # Diffusion-DRO compares against the base and samples with a lagged past state
     ref_dtype = reference_dtype(config, weight_dtype)
     lora = config.finetune == "lora"
-    snapshot_reference = (LoraSnapshotReference(unet) if lora else
-                          FullSnapshotReference(stack.load_unet(), accelerator.device, ref_dtype, config.reference.offload))
+    snapshot_reference = (LoraSnapshotReference(unet, stack.denoiser) if lora else
+                          FullSnapshotReference(stack.load_unet(), accelerator.device, ref_dtype, config.reference.offload,
+                                                stack.denoiser))
     reference, lagged = snapshot_reference, None
     if is_dro:
         lagged = snapshot_reference
-        reference = (AdaptersDisabledReference(unet) if lora else
-                     FrozenCopyReference(stack.load_unet(), accelerator.device, ref_dtype, config.reference.offload))
+        reference = (AdaptersDisabledReference(unet, stack.denoiser) if lora else
+                     FrozenCopyReference(stack.load_unet(), accelerator.device, ref_dtype, config.reference.offload,
+                                         stack.denoiser))
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     sampler_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)
     resolution = stack.native_resolution
     check_memory(config, stack, config.data.resolution or resolution, accelerator.device, weight_dtype.itemsize)
-    latent_shape = (stack.unet.config.in_channels, resolution // stack.vae_scale_factor, resolution // stack.vae_scale_factor)
+    latent_shape = (stack.latent_channels, resolution // stack.vae_scale_factor, resolution // stack.vae_scale_factor)
     empty_text = stack.encode_prompts([""])
 
     rewards, loader, winners = {}, None, None
@@ -184,7 +191,7 @@ def _train(config: TrainConfig) -> Path:
         register_lora_checkpointing(accelerator, unet)
     ema = make_ema(config, params, accelerator)
     raw_unet = accelerator.unwrap_model(unet)
-    policy, sampling_policy = unet_denoiser(unet), unet_denoiser(raw_unet)
+    policy, sampling_policy = stack.denoiser(unet), stack.denoiser(raw_unet)
     if accelerator.is_main_process:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 
@@ -358,9 +365,9 @@ def _train(config: TrainConfig) -> Path:
         mean_r, std_r = stack.encode_images(pixels_r)
         eps_r = torch.randn(mean_r.shape, generator=generator).to(mean_r.device)
         latents_r = stack.latents_from_distribution(mean_r, std_r, eps_r).to(weight_dtype)
-        noise, timesteps = pair_noise(latents_w, stack.noise_scheduler.config.num_train_timesteps, generator)
-        noised = noise_pairs(stack.noise_scheduler, latents_w, latents_r, noise, timesteps)
-        target = prediction_target(stack.prediction_type, stack.noise_scheduler, noised.latents, noised.noise, noised.timesteps)
+        noise, timesteps = process.draw(latents_w, generator)
+        noised = noise_pairs(process, latents_w, latents_r, noise, timesteps)
+        target = process.target(noised.latents, noised.noise, noised.timesteps)
         errors = pair_errors(policy, reference, noised, conditioning(text.repeat_pairs()), target)
         loss, metrics = aaf_loss(errors.policy_w, errors.ref_w, errors.policy_l, errors.ref_l, config.objective.beta)
         loss = loss.mean()
@@ -405,8 +412,8 @@ def _train(config: TrainConfig) -> Path:
         drawn = {k: v.to(accelerator.device) for k, v in replay.sample(config.train_batch_size, generator).items()}
         experts, t = drawn["expert"].to(weight_dtype), drawn["timesteps"]
         noise = torch.randn(experts.shape, generator=generator).to(experts.device, experts.dtype)
-        noisy = torch.cat([stack.noise_scheduler.add_noise(experts, noise, t), drawn["latents"].to(weight_dtype)])
-        target = torch.cat([prediction_target(stack.prediction_type, stack.noise_scheduler, experts, noise, t).float(),
+        noisy = torch.cat([process.add_noise(experts, noise, t), drawn["latents"].to(weight_dtype)])
+        target = torch.cat([process.target(experts, noise, t).float(),
                             drawn["predictions"].float()])
         text = TextEmbeddings(drawn["hidden"], drawn.get("pooled"))
         errors = batch_errors(policy, reference, noisy, torch.cat([t, t]), conditioning(text.repeat_pairs()), target)

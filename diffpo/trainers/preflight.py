@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from diffpo.config import PATH_KEYS, ConfigError, to_dict
+from diffpo.trainers.checkpoints import STATE_FILE, resolve_resume
 
 # Keys a resumed run must share with the run that saved the checkpoint: they fix the shapes of the
 # saved state (model, adapter, optimizer) or what the data order and random draws mean. Every other
@@ -64,8 +65,6 @@ def _free_on_resume(checkpoint: Path) -> tuple[str, ...]:
     records its place in the epoch (``epoch_pairs``) resumes with another ``train_batch_size`` (or
     process count), since each pair draws from its own random stream; the loop checks that the new
     batches divide the pairs consumed (``trainers.common.resumed_micro_step``)."""
-    from diffpo.trainers.common import STATE_FILE
-
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -85,8 +84,6 @@ def check_resume_config(config, run_dir: Path) -> list[str]:
     """Compare the config of the checkpoint ``config.resume_from`` names with ``config``; raise
     ``ConfigError`` naming the keys in ``RESUME_MUST_MATCH`` that differ. Returns the other changed
     keys as ``"key: old -> new"`` (for a note). Run it before ``config.yaml`` is overwritten."""
-    from diffpo.trainers.common import resolve_resume
-
     checkpoint = resolve_resume(run_dir, config.resume_from)
     if checkpoint is not None:
         check_resume_step(config, checkpoint)
@@ -115,7 +112,6 @@ def check_resume_config(config, run_dir: Path) -> list[str]:
 def check_resume_step(config, checkpoint: Path) -> None:
     """A checkpoint past ``max_steps`` cannot be resumed to ``max_steps``: training cannot go back,
     and exporting its later weights as a shorter run would be wrong."""
-    from diffpo.trainers.common import STATE_FILE
 
     try:
         step = int(json.loads((checkpoint / STATE_FILE).read_text())["global_step"])

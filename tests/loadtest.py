@@ -2,6 +2,7 @@
 keep-alive connection, start together and send ``requests_per_client`` requests each; every answer
 is checked, and latencies are summarised (p50 / p95 / p99). Used by tests/test_server_load.py and
 benchmarks/bench_server_load.py; ``ServerProcess`` starts a real ``diffpo`` server subprocess.
+A test harness, so it lives with the tests (not in the installed package).
 """
 
 from __future__ import annotations
