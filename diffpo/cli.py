@@ -181,7 +181,7 @@ def _score(args) -> None:
     if args.images is not None and args.prompts is None:
         raise ValueError("--images needs --prompts FILE (one prompt per line, or a .jsonl/.csv manifest with file,prompt)")
     if args.images is not None:
-        from diffpo.eval.score import IMAGE_SUFFIXES
+        from diffpo.eval.scoring import IMAGE_SUFFIXES
         from diffpo.outputs import check_not_an_input
 
         check_not_an_input(args.out or f"{args.images.rstrip('/')}/scores.jsonl",

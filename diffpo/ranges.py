@@ -31,6 +31,9 @@ SEED = "[0, 4294967295]"  # numpy's and accelerate's set_seed accept 32-bit seed
 
 RANGES: dict[str, dict[str, str]] = {
     # diffpo.config: training
+    "ModelConfig": {"logit_mean": "any", "logit_std": "> 0", "mode_scale": ">= 0",
+                    "flow_shift": "> 0; null uses the scheduler config's shift", "guidance": ">= 0; null: 3.5",
+                    "max_sequence_length": ">= 1; null uses the family's T5 length"},
     "LoraConfig": {"rank": ">= 1", "alpha": "> 0", "dropout": "[0, 1)"},
     "EmaConfig": {"decay": "(0, 1)"},
     "DataConfig": {"max_pairs": ">= 1; null uses every pair",

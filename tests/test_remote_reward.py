@@ -247,7 +247,7 @@ def test_configuration_errors_are_one_line(monkeypatch):
         ({"url": "http://x/v1"}, "needs model="),
         ({"url": "http://x", "protocol": "grpc"}, "protocol='grpc' is unknown"),
         ({"url": "http://x/v1", "model": "m", "prompt": "rate it"}, r"must contain \{prompt\}"),
-        ({"url": "http://x/v1", "model": "m", "temperature": 1}, "unknown option"),
+        ({"url": "http://x/v1", "model": "m", "temperature": 1}, "has no option 'temperature'"),
     ]:
         with pytest.raises(ValueError, match=pattern):
             load("remote", **options)

@@ -88,13 +88,11 @@ class RemoteReward(RewardHead):
                  mode: str = "score", prompt: str | None = None, score_pattern: str = NUMBER,
                  api_key_env: str | None = None, concurrency: int = 4, timeout: float = 60.0,
                  retries: int = 3, backoff: float = 0.5, max_tokens: int = 16, top_logprobs: int = 20,
-                 batch_size: int | None = 8, frame_stride: int = 1, **unknown):
+                 batch_size: int | None = 8, frame_stride: int = 1, api_key: str | None = None):
         super().__init__(batch_size=batch_size, frame_stride=frame_stride)
-        if "api_key" in unknown:
+        if api_key is not None:  # accepted only to refuse it with the reason
             raise ValueError("remote: api_key is never read from a config; put the key in an environment "
                              "variable and pass api_key_env=ITS_NAME")
-        if unknown:
-            raise ValueError(f"remote: unknown option(s) {', '.join(sorted(unknown))}; see diffpo.rewards.remote.RemoteReward")
         if not url:
             raise ValueError("remote needs url= (e.g. --reward-option remote.url=http://127.0.0.1:8000/v1)")
         if protocol not in ("chat", "json"):
