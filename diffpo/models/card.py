@@ -51,7 +51,7 @@ def write_model_card(final: Path, config, stack, global_step: int, run_dir: Path
         "---",
         f"# {config.method} on {Path(stack.source).name}",
         "",
-        f"Aligned with [diffpo](https://pypi.org/project/diffpo/) {diffpo_version()}.",
+        f"Aligned with diffpo {diffpo_version()}.",
         "",
         "| | |",
         "|---|---|",
