@@ -78,10 +78,16 @@ def judge_server(judge: Judge):
                 judge.max_in_flight = max(judge.max_in_flight, judge.in_flight)
                 judge.headers.append(dict(self.headers))
                 judge.payloads.append(payload)
+            answering = True
             try:
                 scripted = judge.behaviour(count, payload) if judge.behaviour else None
                 status, body, delay = scripted or (200, json.dumps(judge.answer(payload)).encode(), 0.05)
                 time.sleep(delay)
+                # in flight until the answer starts: once the client has read it, its next request
+                # may reach another handler thread before this one returns
+                with judge.lock:
+                    judge.in_flight -= 1
+                answering = False
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -90,8 +96,9 @@ def judge_server(judge: Judge):
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
                 pass
             finally:
-                with judge.lock:
-                    judge.in_flight -= 1
+                if answering:
+                    with judge.lock:
+                        judge.in_flight -= 1
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
