@@ -122,8 +122,10 @@ def test_gradient_accumulation_makes_the_update_of_the_larger_batch(tmp_path, ti
     accumulated = run_training(load_config(TrainConfig, "configs/diffusion_dpo/tiny.yaml", _overrides(
         tiny_sd_dir, pairs16, tmp_path / "accumulated", "train_batch_size=2", "gradient_accumulation_steps=2")))
     _assert_same_weights(accumulated, one_process_run)
+    # the losses agree up to fp32 summation order, which beta (2000) scales: ~1e-8 in the errors
+    # becomes up to ~1e-4 in the loss (seen: 7.5e-5 with 2 threads)
     assert [m["loss"] for m in _metrics(accumulated)] == pytest.approx([m["loss"] for m in _metrics(one_process_run)],
-                                                                      rel=1e-4, abs=1e-6)
+                                                                      rel=3e-4, abs=1e-6)
 
 
 def test_a_resume_that_splits_a_batch_is_refused(two_process_run, tmp_path):
