@@ -16,7 +16,7 @@ import os
 FULL_NUM_MERGES = 49152 - 256 - 2  # what CLIP uses: 48,894 merges, 49,408 tokens in all
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """The reversible byte -> printable unicode map of GPT-2/CLIP byte-level BPE, in vocab order."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -47,7 +47,7 @@ def build_clip_tokenizer(num_merges: int = FULL_NUM_MERGES, model_max_length: in
     from transformers import CLIPTokenizer
 
     merges = clip_bpe_merges(num_merges)
-    byte_tokens = _bytes_to_unicode()
+    byte_tokens = bytes_to_unicode()
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + [m.replace(" ", "") for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(tokens)}

@@ -32,26 +32,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 bytes (what byte-level BPE vocabularies use)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    symbols, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            symbols.append(256 + extra)
-            extra += 1
-    return [chr(s) for s in symbols]
-
-
 def save_tiny_processor(folder: str | Path, max_pixels: int = 64 * 28 * 28) -> Path:
     """A Qwen2VLProcessor saved to ``folder``: byte-level tokenizer, the Instruct chat template,
     image and video processors with Qwen2-VL's defaults except ``max_pixels``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from diffpo.models.tokenizer import bytes_to_unicode
     from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(_byte_symbols())}, merges=[]))
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(bytes_to_unicode())}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = Qwen2TokenizerFast(tokenizer_object=backend)
