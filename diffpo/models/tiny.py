@@ -201,21 +201,8 @@ def tiny_flow_vae_config(sample_size: int = 32, scaling_factor: float = 1.0, shi
 
     ``shift_factor`` and ``scaling_factor`` map latents to the denoiser's space as
     (z - shift) * scale; a trained VAE sets them from its latents' statistics."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=sample_size,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-    )
+    return {**tiny_vae_config(sample_size), "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+            "scaling_factor": scaling_factor, "shift_factor": shift_factor}
 
 
 def tiny_t5_encoder_config(tokenizer, d_model: int = 64, num_layers: int = 2) -> dict:
