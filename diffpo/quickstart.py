@@ -188,9 +188,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     grid.save(run_dir / "before_after.png")
     check_heads = {name: load_reward(name) for name in config.check_rewards if name != config.reward}
 
-    def comparison(base, aligned, captions) -> dict:
+    def comparison(r_base, r_aligned, base, aligned, captions) -> dict:
         """Reward before/after with 95% CIs, the paired win rate and the check rewards on one caption set."""
-        r_base, r_aligned = reward(base, captions), reward(aligned, captions)
         return {"reward_before": summarize(r_base.numpy(), seed=config.seed),
                 "reward_after": summarize(r_aligned.numpy(), seed=config.seed),
                 "win_rate": paired_win_rate(r_aligned.numpy(), r_base.numpy(), seed=config.seed),
@@ -203,9 +202,10 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         "method": config.method,
         "evaluated_on": (f"{len(heldout_captions)} held-out captions (never in training) x {n} new seeds; "
                          "'seen_captions' holds the same figures for training captions with new seeds"),
-        **comparison(before, after, eval_prompts),
+        **comparison(r_before, r_after, before, after, eval_prompts),
         "seen_captions": {"captions": len(seen_captions), "images_per_model": len(prompts["seen"]),
-                          **comparison(images["base", "seen"], images["aligned", "seen"], prompts["seen"])},
+                          **comparison(*(reward(images[m, "seen"], prompts["seen"]) for m in ("base", "aligned")),
+                                       images["base", "seen"], images["aligned", "seen"], prompts["seen"])},
         "train_captions": len(train_captions),
         "heldout_captions": len(heldout_captions),
         **sampled,
