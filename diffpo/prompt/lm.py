@@ -3,6 +3,7 @@ random model), prompt rendering, sampling rewrites, and sequence log-probabiliti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -237,36 +238,105 @@ def clean_rewrite(text: str) -> str:
     return line
 
 
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of sample ``sample_index`` of prompt ``prompt_index`` in a call seeded ``seed``: a
+    row's draws depend on these three numbers only, not on what else shares its batch."""
+    digest = hashlib.sha256(f"{int(seed)}:{prompt_index}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def generate_rewrites(model, tokenizer, prompts: list[str], n: int = 4, template: RewriteTemplate | None = None,
                       temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 64, seed: int = 0,
                       batch_size: int = 16) -> list[list[str]]:
     """``n`` rewrites per prompt (stripped, first line), sampled with temperature / nucleus
     sampling (Holtzman et al. 2020); ``temperature=0`` decodes greedily (n identical copies).
-    Reproducible for (seed, batch_size); the caller's global RNG state is left untouched."""
+    Sample j of prompt i draws from its own generator seeded by ``row_seed(seed, i, j)``, so the
+    result depends on (seed, prompt, i, j) and not on ``batch_size`` or on other prompts: a server
+    that batches several requests together returns what each request alone would get."""
     if n < 1:
         raise ValueError(f"n={n} must be >= 1")
     if temperature < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     template = template or RewriteTemplate()
-    device = next(model.parameters()).device
     greedy = temperature == 0
-    results: list[list[str]] = []
+    per = 1 if greedy else n
     inputs = render_inputs(tokenizer, prompts, template)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-        torch.manual_seed(seed)
-        for start in range(0, len(inputs), batch_size):
-            batch = _left_padded(tokenizer, inputs[start:start + batch_size], device)
-            sampling = ({"do_sample": False, "num_return_sequences": 1} if greedy else
-                        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
-                         "num_return_sequences": n})
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    **sampling)
-            texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            per = 1 if greedy else n
-            for i in range(len(texts) // per):
-                group = [clean_rewrite(t) for t in texts[i * per:(i + 1) * per]]
-                results.append(group * n if greedy else group)
+    rows = [SampleRow(text, row_seed(seed, i, j), temperature, top_p, max_new_tokens)
+            for i, text in enumerate(inputs) for j in range(per)]
+    texts = []
+    for start in range(0, len(rows), max(batch_size, 1) * per):
+        texts.extend(sample_rows(model, tokenizer, rows[start:start + max(batch_size, 1) * per]))
+    results = []
+    for i in range(len(prompts)):
+        group = [clean_rewrite(t) for t in texts[i * per:(i + 1) * per]]
+        results.append(group * n if greedy else group)
     return results
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One completion to sample: the rendered input, its own seed and decoding settings."""
+
+    text: str
+    seed: int
+    temperature: float = 0.8  # 0: greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+
+
+def _pick_tokens(logits: torch.Tensor, rows: list[SampleRow], generators: list[torch.Generator]) -> torch.Tensor:
+    """One next token per row: argmax when the row is greedy, else nucleus sampling at the row's
+    temperature by inverse CDF with one uniform draw from the row's own generator."""
+    picked = []
+    for row, generator, row_logits in zip(rows, generators, logits.float()):
+        u = torch.rand((), generator=generator)  # drawn every step, greedy or not: streams stay aligned
+        if row.temperature == 0:
+            picked.append(int(row_logits.argmax()))
+            continue
+        probs, order = torch.softmax(row_logits / row.temperature, dim=-1).sort(descending=True)
+        cumulative = probs.cumsum(0)
+        keep = int((cumulative - probs < row.top_p).sum())  # the smallest head of mass >= top_p
+        head = cumulative[:keep]
+        index = min(int(torch.searchsorted(head, u * head[-1])), keep - 1)
+        picked.append(int(order[index]))
+    return torch.tensor(picked, dtype=torch.long)
+
+
+def sample_rows(model, tokenizer, rows: list[SampleRow]) -> list[str]:
+    """Decode every row in one batch (left-padded, KV cache) with per-row seeds and settings; the
+    decoded completions (special tokens dropped) in row order. The caller's RNG is untouched."""
+    if not rows:
+        return []
+    device = next(model.parameters()).device
+    batch = _left_padded(tokenizer, [r.text for r in rows], device)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator().manual_seed(r.seed) for r in rows]
+    limits = torch.tensor([r.max_new_tokens for r in rows])
+    eos = tokenizer.eos_token_id
+    outputs: list[list[int]] = [[] for _ in rows]
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    cache = None
+    with torch.no_grad():
+        for step in range(int(limits.max())):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        cache=cache, use_cache=True)
+            cache = out.cache
+            tokens = _pick_tokens(out.logits[:, -1], rows, generators)
+            for i, token in enumerate(tokens.tolist()):
+                if done[i]:
+                    continue
+                if token == eos:
+                    done[i] = True
+                    continue
+                outputs[i].append(token)
+                done[i] = len(outputs[i]) >= limits[i]
+            if bool(done.all()):
+                break
+            input_ids = torch.where(done, tokenizer.pad_token_id, tokens).view(-1, 1).to(device)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+    return tokenizer.batch_decode(outputs, skip_special_tokens=True)
 
 
 def _left_padded(tokenizer, texts: list[str], device) -> dict:

@@ -19,7 +19,8 @@ from diffpo.rewards.imagereward import ImageReward
 from diffpo.rewards.pickscore import PickScore
 from diffpo.rewards.remote import RemoteReward
 from diffpo.rewards.video_reward import VideoReward
-from diffpo.rewards.programmatic import Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility, MotionMatch
+from diffpo.rewards.programmatic import (Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility, MeaningMatch,
+                                         MotionMatch)
 
 REWARDS: dict[str, type[RewardHead]] = {
     "clip": ClipScore,
@@ -32,6 +33,7 @@ REWARDS: dict[str, type[RewardHead]] = {
     "jpeg-compressibility": JpegCompressibility,
     "jpeg-incompressibility": JpegIncompressibility,
     "colour-match": ColourMatch,
+    "meaning-match": MeaningMatch,
     "brightness": Brightness,
     "motion-match": MotionMatch,
     "remote": RemoteReward,

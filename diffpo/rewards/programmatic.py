@@ -94,6 +94,65 @@ class ColourMatch(RewardHead):
         return torch.tensor(scores)
 
 
+def shape_template(shape: str, size: int, cx: float, cy: float, area: float) -> np.ndarray:
+    """(size, size) bool mask of ``shape`` drawn as ``diffpo.data.shapes`` draws it, with the given
+    pixel ``area`` and its centroid at (cx, cy) (a triangle's centroid lies h/3 below its box centre)."""
+    from diffpo.data.shapes import ShapeSpec, draw_shape_at
+
+    half = {"circle": (area / np.pi) ** 0.5, "square": (area / 4) ** 0.5, "triangle": (area / 2) ** 0.5}[shape]
+    cy = cy - half / 3 if shape == "triangle" else cy
+    image = draw_shape_at(ShapeSpec(shape, "white", "black"), size, cx, cy, half)
+    return np.asarray(image)[..., 0] > 127
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
+    """The shape whose template (same area and centroid as ``mask``) overlaps ``mask`` most, by IoU."""
+    from diffpo.data.shapes import SHAPES
+
+    ys, xs = np.nonzero(mask)
+    area, cx, cy = float(len(xs)), float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
+    ious = {}
+    for shape in SHAPES:
+        template = shape_template(shape, mask.shape[0], cx, cy, area)
+        ious[shape] = float((template & mask).sum() / max((template | mask).sum(), 1))
+    return max(ious, key=ious.get), ious
+
+
+class MeaningMatch(ColourMatch):
+    """Does the image show the meaning of "a <S> <shape> on a <B> background": both colours and the
+    shape? score = ½ · colour-match + ½ · [the shape-colour pixels form the asked shape], in [0, 1].
+    The shape test: the pixels assigned to colour S (as ``colour-match`` assigns them), when they
+    cover at least ``min_shape_fraction``, are compared by IoU with a circle, a square and a triangle
+    of the same area and centroid; the asked shape must overlap best, with IoU >= ``min_iou`` (so
+    scattered pixels or noise form no shape). Used as the prompt optimizer's
+    faithfulness reward, scored against the caption of the recorded meaning (not the user's words).
+    Captions outside the shapes world score NaN."""
+
+    name = "meaning-match"
+
+    def __init__(self, min_iou: float = 0.5, **options):
+        super().__init__(**options)
+        self.min_iou = min_iou
+
+    def score_images(self, images, prompts):
+        colour = super().score_images(images, prompts)
+        nearest = nearest_palette(images, self.palette, self.max_distance)
+        side = images.shape[-1]
+        scores = []
+        for c, assigned, prompt in zip(colour.tolist(), nearest, prompts):
+            spec = parse_caption(prompt)
+            if spec is None:
+                scores.append(float("nan"))
+                continue
+            mask = (assigned == self.names.index(spec.colour)).view(images.shape[-2], side).numpy()
+            shape_ok = False
+            if mask.mean() >= self.min_shape_fraction:
+                best, ious = classify_shape(mask)
+                shape_ok = best == spec.shape and ious[best] >= self.min_iou
+            scores.append(0.5 * c + 0.5 * float(shape_ok))
+        return torch.tensor(scores)
+
+
 class Brightness(RewardHead):
     """Mean pixel value: a deliberately hackable reward for studying over-optimisation."""
 
