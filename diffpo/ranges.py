@@ -82,8 +82,11 @@ RANGES: dict[str, dict[str, str]] = {
                           "gradient_accumulation_steps": ">= 1", "max_steps": ">= 1", "epochs": ">= 1",
                           "max_pairs": ">= 1", "max_length": ">= 8", "log_every": ">= 1", "checkpoint_every": ">= 0",
                           "checkpoints_total_limit": ">= 1"},
-    "PromptQuickstartConfig": {"seed": SEED, "train_prompts": ">= 1", "heldout_prompts": ">= 1", "candidates": ">= 2",
-                               "seeds_per_prompt": ">= 1", "steps": ">= 1", "guidance_scale": ">= 0", "margin": ">= 0"},
+    "PromptQuickstartConfig": {"seed": SEED, "sft_examples": ">= 0; 0: no SFT warm start", "sft_steps": ">= 1",
+                               "sft_lr": "> 0", "rounds": ">= 0", "prompts_per_round": ">= 1",
+                               "heldout_prompts": "[1, 120]", "candidates": ">= 2",
+                               "seeds_per_prompt": ">= 1", "steps": ">= 1", "guidance_scale": ">= 0", "margin": ">= 0",
+                               "eval_temperature": ">= 0"},
 }
 
 

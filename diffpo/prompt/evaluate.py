@@ -24,14 +24,14 @@ COMBINED = "combined"
 
 
 def _select(rewrites: list[list[str]], prompts: list[str], pipeline, heads, seeds_per_prompt: int, steps: int,
-            guidance: float, seed: int, batch_size: int) -> list[str]:
+            guidance: float, seed: int, batch_size: int, references: dict[str, str]) -> list[str]:
     """Best of each prompt's rewrites by the combined reward on selection seeds."""
     chosen = []
     for prompt, group in zip(prompts, rewrites):
         seeds = [s + SELECTION_OFFSET for s in prompt_seeds(prompt, seeds_per_prompt, seed)]
         texts = [t for t in group for _ in seeds]
         images = render(pipeline, texts, seeds * len(group), steps, guidance, batch_size)
-        combined, _ = score_renders(images, texts, [prompt] * len(texts), heads)
+        combined, _ = score_renders(images, texts, [references.get(prompt, prompt)] * len(texts), heads)
         means = combined.view(len(group), len(seeds)).mean(dim=1)
         means = torch.where(torch.isfinite(means), means, torch.full_like(means, -float("inf")))
         chosen.append(group[int(means.argmax())])
@@ -42,12 +42,15 @@ def evaluate_rewriter(rewriter, template, prompts: list[str], pipeline, heads: d
                       out_dir: str | Path, seeds_per_prompt: int = 2, steps: int = 25, guidance: float = 5.0,
                       n: int = 1, seed: int = 0, temperature: float = 0.8, top_p: float = 0.95,
                       max_new_tokens: int = 64, batch_size: int = 8, lm_batch_size: int = 16,
-                      examples: int = 8, progress: bool = True) -> dict:
+                      examples: int = 8, progress: bool = True, references: dict[str, str] | None = None,
+                      optimized: list[str] | None = None) -> dict:
     """Evaluate ``rewriter`` = (model, tokenizer) on held-out ``prompts``; writes
     ``out_dir/prompt_eval.json`` and the ``diffpo eval`` report in ``out_dir/report/`` (models
     "original" and "optimized", plus ``examples.html``: prompts side by side with their scores).
     ``heads`` maps a key to ``(head, weight, against)`` as in ``diffpo.prompt.pairs``. Returns the
-    numbers written to prompt_eval.json."""
+    numbers written to prompt_eval.json. ``references`` maps a prompt to the text faithfulness heads
+    score against (default: the prompt itself); ``optimized`` skips the rewriter and evaluates
+    these texts (one per prompt) instead."""
     from diffpo.eval.comparison import StatsOptions
     from diffpo.eval.generate import generate
     from diffpo.eval.report import ReportOptions
@@ -66,16 +69,21 @@ def evaluate_rewriter(rewriter, template, prompts: list[str], pipeline, heads: d
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)
 
-    model, tokenizer = rewriter
-    rewrites = generate_rewrites(model, tokenizer, prompts, n=n, template=template, temperature=temperature,
-                                 top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=lm_batch_size)
-    optimized = [g[0] for g in rewrites] if n == 1 else \
-        _select(rewrites, prompts, pipeline, heads, seeds_per_prompt, steps, guidance, seed, batch_size)
+    references = references or {}
+    if optimized is None:
+        model, tokenizer = rewriter
+        rewrites = generate_rewrites(model, tokenizer, prompts, n=n, template=template, temperature=temperature,
+                                     top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=lm_batch_size)
+        optimized = [g[0] for g in rewrites] if n == 1 else \
+            _select(rewrites, prompts, pipeline, heads, seeds_per_prompt, steps, guidance, seed, batch_size, references)
+    elif len(optimized) != len(prompts):
+        raise ValueError(f"{len(optimized)} optimized prompts for {len(prompts)} prompts: pass one per prompt")
 
     # Image i of both models: prompt i // S, seed j = i % S; the same x_T for original and optimized.
     s = seeds_per_prompt
     seeds = [x for p in prompts for x in prompt_seeds(p, s, seed)]
     originals = [p for p in prompts for _ in range(s)]
+    targets = [references.get(p, p) for p in originals]  # what faithfulness heads score against
     rewritten = [y for y in optimized for _ in range(s)]
     images = {"original": generate(pipeline, originals, seeds, steps, guidance, batch_size=batch_size,
                                    progress=progress, desc="render original"),
@@ -83,7 +91,7 @@ def evaluate_rewriter(rewriter, template, prompts: list[str], pipeline, heads: d
                                     progress=progress, desc="render optimized")}
     scores: dict[str, dict[str, torch.Tensor]] = {}
     for model_name, texts in (("original", originals), ("optimized", rewritten)):
-        combined, components = score_renders(images[model_name], texts, originals, heads)
+        combined, components = score_renders(images[model_name], texts, targets, heads)
         for key, values in {**components, COMBINED: combined}.items():
             scores.setdefault(key, {})[model_name] = values.float()
     cos = torch.as_tensor(embedder.encode(prompts + optimized), dtype=torch.float32)

@@ -175,7 +175,8 @@ def read_candidates(path: str | Path, repair: bool = False) -> list[dict]:
 
 
 def build_candidates(rewriter, template, prompts: list[str], pipeline, heads: dict[str, tuple], embedder,
-                     out_path: str | Path, options: PairBuildOptions | None = None, progress: bool = True) -> Path:
+                     out_path: str | Path, options: PairBuildOptions | None = None, progress: bool = True,
+                     references: dict[str, str] | None = None) -> Path:
     """Sample, render and score K rewrites of every prompt into ``out_path`` (candidates.jsonl).
 
     ``rewriter`` is ``(model, tokenizer)``; ``heads`` maps a key to ``(head, weight, against)``
@@ -183,6 +184,8 @@ def build_candidates(rewriter, template, prompts: list[str], pipeline, heads: di
     already in ``out_path`` are skipped, so a rerun after an interruption only does the rest.
     Each line: prompt, candidates, rewards (combined, mean over seeds), components (per head,
     mean over seeds), cos, original_reward, original_components, seeds.
+    ``references`` maps a prompt to the text its faithfulness (``against="original"``) heads score
+    against, e.g. the caption of the meaning a user's request stands for; default: the prompt.
     """
     from tqdm import tqdm
 
@@ -216,7 +219,8 @@ def build_candidates(rewriter, template, prompts: list[str], pipeline, heads: di
             texts = [t for t in rewrites for _ in range(s)] + [prompt] * s  # the original renders last
             images = render(pipeline, texts, seeds * (k + 1), options.steps, options.guidance_scale,
                             options.render_batch_size)
-            combined, components = score_renders(images, texts, [prompt] * len(texts), heads)
+            reference = (references or {}).get(prompt, prompt)
+            combined, components = score_renders(images, texts, [reference] * len(texts), heads)
             combined = combined.view(k + 1, s)
             components = {key: v.view(k + 1, s) for key, v in components.items()}
             embeddings = embedder.encode([prompt, *rewrites])
