@@ -117,25 +117,88 @@ def test_faithfulness_term_and_weights(optimizer, tiny_pipe):
         optimizer.rank("a red circle", texts)
 
 
+def test_jobs_batched_together_equal_one_by_one_calls(optimizer):
+    from diffpo.prompt.optimizer import OptimizeJob
+
+    jobs = [OptimizeJob(["a red circle", "a cat on a mat"], n=3, temperature=0.9, max_new_tokens=6, seed=3),
+            OptimizeJob(["x"], n=2, temperature=0.0, max_new_tokens=9, seed=4),
+            OptimizeJob(["a much longer prompt about a green square on a white background"], n=1, top_p=0.5,
+                        max_new_tokens=5, seed=5)]
+    batched = optimizer.optimize_jobs(jobs, max_rows=4)  # rows of different jobs share forward batches
+    for job, got in zip(jobs, batched):
+        alone = optimizer.optimize(job.prompts, n=job.n, temperature=job.temperature, top_p=job.top_p,
+                                   max_new_tokens=job.max_new_tokens, seed=job.seed)
+        assert [[c.text for c in cands] for cands in got] == [[c.text for c in cands] for cands in alone]
+    assert batched[1][0][0].text == batched[1][0][1].text  # greedy: n copies of the one decode
+
+
+def test_configured_reranker_is_used_unless_turned_off(tiny_pipe):
+    from diffpo.rewards import load
+
+    reward = load("brightness")
+    reranker = Reranker(tiny_pipe, reward, seeds=(0,), num_inference_steps=2, guidance_scale=1.0, against="candidate")
+    configured = PromptOptimizer.from_pretrained("tiny", reranker=reranker)
+    ranked = configured.optimize("a red circle", n=3, seed=1, **FAST)
+    assert all(c.score is not None for c in ranked) and [c.score for c in ranked] == sorted(
+        [c.score for c in ranked], reverse=True)
+    plain = configured.optimize("a red circle", n=3, seed=1, rerank=False, **FAST)
+    assert all(c.score is None for c in plain) and sorted(c.text for c in plain) == sorted(c.text for c in ranked)
+    with pytest.raises(ValueError, match="configured reranker"):
+        PromptOptimizer.from_pretrained("tiny").optimize("a red circle", n=2, rerank=True, **FAST)
+
+
+def test_reranking_against_the_candidate_orders_renderable_captions_first(tiny_pipe):
+    """meaning-match scores each image with the text rendered: a caption the tiny model understands
+    gets a finite score; free text that is no shapes caption gets NaN and sorts last."""
+    from diffpo.rewards import load
+
+    reranker = Reranker(tiny_pipe, load("meaning-match"), seeds=(0, 1), num_inference_steps=10, against="candidate")
+    optimizer = PromptOptimizer.from_pretrained("tiny")
+    texts = ["please paint me a lovely crimson ball", "a red circle on a blue background", "a white square on a black background"]
+    ranked = optimizer.rank("please draw a crimson ball on navy", texts, reranker=reranker)
+    assert ranked[-1].text == texts[0] and ranked[-1].score != ranked[-1].score  # NaN last
+    assert ranked[0].score >= ranked[1].score
+    scores = {c.text: c.score for c in ranked}
+    from diffpo.eval.generate import generate
+
+    images = generate(tiny_pipe, [texts[1]] * 2, [0, 1], num_inference_steps=10, guidance_scale=5.0)
+    assert scores[texts[1]] == pytest.approx(float(load("meaning-match")(images, [texts[1]] * 2).mean()), abs=1e-6)
+
+
+def test_http_rerank_returns_scores(tiny_pipe):
+    from fastapi.testclient import TestClient
+
+    from diffpo.rewards import load
+
+    reranker = Reranker(tiny_pipe, load("jpeg-compressibility"), seeds=(0,), num_inference_steps=2, guidance_scale=1.0)
+    app = create_app(PromptOptimizer.from_pretrained("tiny", reranker=reranker), LIMITS)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        answer = client.post("/v1/optimize", json={"prompt": "a red circle", "n": 3, "seed": 0, "max_new_tokens": 4})
+    assert answer.status_code == 200
+    scores = [c["score"] for c in answer.json()["results"][0]["candidates"]]
+    assert all(isinstance(x, float) for x in scores) and scores == sorted(scores, reverse=True)
+
+
 # --- HTTP API over a real socket ------------------------------------------------------------------------
 
 
 class _Spy:
-    """Wraps an optimizer and records how many calls ever ran at once."""
+    """Wraps an optimizer and records how many batches ever ran at once, and how many requests each held."""
 
     def __init__(self, inner):
-        self.inner, self.name = inner, inner.name
-        self.active = self.most_active = self.calls = 0
+        self.inner, self.name, self.reranker = inner, inner.name, None
+        self.active = self.most_active = self.calls = self.jobs = 0
         self.guard = threading.Lock()
 
-    def optimize(self, *args, **kwargs):
+    def optimize_jobs(self, jobs, max_rows=64):
         with self.guard:
             self.active += 1
             self.calls += 1
+            self.jobs += len(jobs)
             self.most_active = max(self.most_active, self.active)
         try:
-            time.sleep(0.005)  # widen the window in which a missing lock would show up
-            return self.inner.optimize(*args, **kwargs)
+            time.sleep(0.005)  # widen the window in which two batches at once would show up
+            return self.inner.optimize_jobs(jobs, max_rows=max_rows)
         finally:
             with self.guard:
                 self.active -= 1
@@ -226,25 +289,31 @@ def test_http_malformed_json(server):
 
 
 def test_http_healthz_and_docs(server):
-    assert _request(server.url + "/healthz") == (200, {"status": "ok", "model": "tiny", "optimizing": 0})
+    status, health = _request(server.url + "/healthz")
+    assert status == 200 and health["status"] == "ok" and health["model"] == "tiny" and health["optimizing"] == 0
+    assert health["rerank"] is False and health["batches"]["requests"] >= health["batches"]["batches"]
     status, page = _request(server.url + "/docs")
     assert status == 200 and "swagger" in page.lower()
     status, schema = _request(server.url + "/openapi.json")
     assert status == 200 and "/v1/optimize" in schema["paths"]
 
 
-def test_http_concurrent_requests_are_queued(server):
-    before = server.spy.calls
-
-    def call(i):
-        return _request(server.url + "/v1/optimize", {"prompt": f"prompt number {i}", "n": 2, "max_new_tokens": 4, "seed": i})
+def test_http_concurrent_requests_are_batched_and_keep_their_rewrites(server, optimizer):
+    before_calls, before_jobs = server.spy.calls, server.spy.jobs
+    bodies = [{"prompt": f"prompt number {i}", "n": 1 + i % 3, "max_new_tokens": 4 + i % 5, "seed": i,
+               "temperature": 0.0 if i % 7 == 0 else 0.9} for i in range(20)]
 
     with ThreadPoolExecutor(max_workers=20) as pool:
-        answers = list(pool.map(call, range(20)))
+        answers = list(pool.map(lambda body: _request(server.url + "/v1/optimize", body), bodies))
     assert [status for status, _ in answers] == [200] * 20
-    assert all(len(a["results"][0]["candidates"]) == 2 for _, a in answers)
-    assert server.spy.calls - before == 20
-    assert server.spy.most_active == 1  # the model never ran two requests at once
+    assert server.spy.jobs - before_jobs == 20
+    assert server.spy.calls - before_calls < 20  # some requests shared an LM batch
+    assert server.spy.most_active == 1  # one model thread: never two batches at once
+    # each answer is what the same request gets alone, one by one, with its seed
+    for body, (_, answer) in zip(bodies, answers):
+        alone = optimizer.optimize(body["prompt"], n=body["n"], seed=body["seed"], temperature=body["temperature"],
+                                   max_new_tokens=body["max_new_tokens"])
+        assert [c["text"] for c in answer["results"][0]["candidates"]] == [c.text for c in alone]
 
 
 # --- the serve command ----------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ rewrites by rendering them with a diffusion pipeline and scoring the images with
 
     opt = PromptOptimizer.from_pretrained("runs/semdpo/final")      # or "smollm2", "tiny", a hub id
     candidates = opt.optimize("a cat on a sofa", n=4, seed=0)       # list[Candidate]
-    ranked = opt.optimize("a cat on a sofa", n=4, seed=0, reranker=Reranker(pipe, diffpo.rewards.load("pickscore")))
+    ranked = opt.optimize("a cat on a sofa", n=4, seed=0, rerank=Reranker(pipe, diffpo.rewards.load("pickscore")))
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ class Reranker:
     where faithfulness is either a reward head on the same images (e.g. CLIP against the original
     prompt) or an embedder with ``.encode`` giving cos(e(prompt), e(candidate)) (the Sem-DPO
     semantic-consistency term). Images are scored against the *original* prompt: the user's intent
-    is the target, so a rewrite cannot win by changing the subject. Heads whose
+    is the target, so a rewrite cannot win by changing the subject. With ``against="candidate"``
+    the head scores each image with the rewrite that was rendered (does the model render this text
+    well?), for heads that only understand the model's own caption language (``meaning-match`` on
+    the shapes world); faithfulness to the user then comes from the embedder term. Heads whose
     ``higher_is_better`` is False are negated so that the best candidate always sorts first.
     """
 
@@ -45,8 +48,12 @@ class Reranker:
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
     batch_size: int = 16
+    against: str = "original"  # the text the reward head scores each image with: "original" or "candidate"
 
     def __post_init__(self):
+        if self.against not in ("original", "candidate"):
+            raise ValueError(f"against={self.against!r} must be 'original' (the user's prompt) or 'candidate' "
+                             "(the rewrite that was rendered)")
         self.seeds = tuple(int(s) for s in self.seeds)
         if not self.seeds:
             raise ValueError("Reranker needs at least one seed: pass seeds=(0,) or more")
@@ -66,14 +73,14 @@ class Reranker:
         seeds = [s for _ in texts for s in self.seeds]
         images = generate(self.pipeline, render, seeds, num_inference_steps=self.num_inference_steps,
                           guidance_scale=self.guidance_scale, batch_size=self.batch_size)
-        originals = [prompt] * len(render)
+        originals = [prompt] * len(render) if self.against == "original" else render
         total = self.weights[0] * _per_text(_oriented(self.reward, images, originals), len(texts))
         if self.faithfulness is not None and self.weights[1] != 0:
             if hasattr(self.faithfulness, "encode"):
                 embeddings = self.faithfulness.encode([prompt, *texts]).float()
                 faithful = embeddings[1:] @ embeddings[0]  # rows are L2-normalised: cosine
             else:
-                faithful = _per_text(_oriented(self.faithfulness, images, originals), len(texts))
+                faithful = _per_text(_oriented(self.faithfulness, images, [prompt] * len(render)), len(texts))
             total = total + self.weights[1] * faithful.cpu()
         return [float(v) for v in total]
 
@@ -96,57 +103,99 @@ def sort_candidates(candidates: list[Candidate]) -> list[Candidate]:
     return sorted(candidates, key=key)
 
 
-class PromptOptimizer:
-    """A rewriter LM with its tokenizer and template. Not thread-safe: callers that share one
-    (the HTTP server) serialise calls themselves."""
+@dataclass
+class OptimizeJob:
+    """One ``optimize`` call's worth of work, so that several calls can share one LM batch."""
 
-    def __init__(self, model, tokenizer, template=None, name: str = "rewriter"):
+    prompts: list[str]
+    n: int = 4
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    seed: int = 0
+    include_original: bool = False
+    rerank: Any = None  # None: the optimizer's configured reranker (if any); False: none; a Reranker / tuple
+
+
+class PromptOptimizer:
+    """A rewriter LM with its tokenizer and template, and optionally a configured ``reranker`` that
+    ``optimize`` uses unless told otherwise. Not thread-safe: callers that share one (the HTTP
+    server) call it from one thread, batching concurrent requests with ``optimize_jobs``."""
+
+    def __init__(self, model, tokenizer, template=None, name: str = "rewriter", reranker: Reranker | None = None):
         from diffpo.prompt.lm import RewriteTemplate
 
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template or RewriteTemplate()
         self.name = name
+        self.reranker = as_reranker(reranker)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        template=None) -> PromptOptimizer:
+                        template=None, reranker: Reranker | None = None) -> PromptOptimizer:
         """``"smollm2"`` (the packaged SmolLM2-135M-Instruct), ``"tiny"`` (a random tiny LM for tests),
         a hub id, a local transformers / GGUF folder, or a ``diffpo prompt-train`` output folder.
         Without ``template``, a trained folder's stored template is used (it was trained with it)."""
         from diffpo.prompt.lm import load_rewriter, rewriter_template
 
         model, tokenizer = load_rewriter(str(path_or_id), device=device, dtype=dtype)
-        return cls(model, tokenizer, template or rewriter_template(str(path_or_id)), name=str(path_or_id))
+        return cls(model, tokenizer, template or rewriter_template(str(path_or_id)), name=str(path_or_id),
+                   reranker=reranker)
 
     def optimize(self, prompt_or_list: str | list[str], n: int = 4, temperature: float = 0.8, top_p: float = 0.95,
                  max_new_tokens: int = 64, seed: int | None = None, include_original: bool = False,
-                 reranker: Reranker | tuple | None = None, batch_size: int = 16):
+                 rerank: Reranker | tuple | bool | None = None, batch_size: int = 64,
+                 reranker: Reranker | tuple | None = None):
         """``n`` rewrites per prompt: list[Candidate] for a str, list[list[Candidate]] for a list.
 
         ``seed`` makes the sampling reproducible (None: a fresh random seed); ``temperature=0``
         decodes greedily. ``include_original`` puts the prompt itself first among its candidates
-        (so re-ranking can keep it when no rewrite beats it). ``reranker`` (a Reranker or a
-        ``(pipeline, reward_head)`` tuple) scores every candidate and sorts them best first.
+        (so re-ranking can keep it when no rewrite beats it). ``rerank`` (a Reranker or a
+        ``(pipeline, reward_head)`` tuple; None: the optimizer's configured ``reranker``, if any;
+        False: none) scores every candidate and sorts them best first. ``reranker`` is the older
+        name of ``rerank``. ``batch_size``: LM rows (prompt x sample) per forward batch.
         """
-        from diffpo.prompt.lm import generate_rewrites
-
         single = isinstance(prompt_or_list, str)
         prompts = check_prompts(prompt_or_list)
         check_sampling(n, temperature, top_p, max_new_tokens)
-        reranker = as_reranker(reranker)
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)  # no global RNG touched
-        rewrites = generate_rewrites(self.model, self.tokenizer, prompts, n=n, template=self.template,
-                                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                     seed=int(seed), batch_size=batch_size)
-        results = []
-        for prompt, texts in zip(prompts, rewrites):
-            candidates = [Candidate(t) for t in ([prompt] if include_original else []) + list(texts)]
-            if reranker is not None:
-                candidates = self._ranked(prompt, candidates, reranker)
-            results.append(candidates)
+        job = OptimizeJob(prompts, n, temperature, top_p, max_new_tokens, int(seed), include_original,
+                          rerank if rerank is not None else reranker)
+        results = self.optimize_jobs([job], max_rows=batch_size)[0]
         return results[0] if single else results
+
+    def optimize_jobs(self, jobs: list[OptimizeJob], max_rows: int = 64) -> list[list[list[Candidate]]]:
+        """Several ``optimize`` calls at once: every job's sampled rows go through the LM together
+        (``max_rows`` per forward batch), each row with its own seed, so each job gets exactly what
+        ``optimize`` alone gives it; then each job's candidates are re-ranked as it asks."""
+        from diffpo.prompt.lm import SampleRow, clean_rewrite, render_inputs, row_seed, sample_rows
+
+        rows, layout = [], []
+        for job in jobs:
+            per = 1 if job.temperature == 0 else job.n
+            layout.append((len(rows), per))
+            for i, text in enumerate(render_inputs(self.tokenizer, job.prompts, self.template)):
+                rows.extend(SampleRow(text, row_seed(job.seed, i, j), job.temperature, job.top_p, job.max_new_tokens)
+                            for j in range(per))
+        texts = []
+        for start in range(0, len(rows), max(int(max_rows), 1)):
+            texts.extend(sample_rows(self.model, self.tokenizer, rows[start:start + max(int(max_rows), 1)]))
+        results = []
+        for job, (offset, per) in zip(jobs, layout):
+            reranker = self.reranker if job.rerank is None or (job.rerank is True and self.reranker) \
+                else as_reranker(job.rerank)
+            job_results = []
+            for i, prompt in enumerate(job.prompts):
+                group = [clean_rewrite(t) for t in texts[offset + i * per:offset + (i + 1) * per]]
+                group = group * job.n if per == 1 else group
+                candidates = [Candidate(t) for t in ([prompt] if job.include_original else []) + group]
+                if reranker is not None:
+                    candidates = self._ranked(prompt, candidates, reranker)
+                job_results.append(candidates)
+            results.append(job_results)
+        return results
 
     def rank(self, prompt: str, candidates: list[Candidate | str], pipeline=None, reward=None,
              seeds: tuple[int, ...] = (0, 1), faithfulness=None, weights: tuple[float, float] = (1.0, 1.0),
@@ -174,7 +223,11 @@ class PromptOptimizer:
 
 
 def as_reranker(reranker) -> Reranker | None:
-    if reranker is None or isinstance(reranker, Reranker):
+    if reranker is None or reranker is False or isinstance(reranker, Reranker):
+        return reranker or None
+    if reranker is True:
+        raise ValueError("rerank=True needs a configured reranker: pass PromptOptimizer(..., reranker=Reranker(...)) "
+                         "or rerank=Reranker(pipeline, reward_head)")
         return reranker
     if isinstance(reranker, tuple) and len(reranker) == 2:
         return Reranker(*reranker)
@@ -207,4 +260,4 @@ def check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
 
 
-__all__ = ["Candidate", "PromptOptimizer", "Reranker", "sort_candidates"]
+__all__ = ["Candidate", "OptimizeJob", "PromptOptimizer", "Reranker", "sort_candidates"]

