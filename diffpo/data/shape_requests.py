@@ -58,7 +58,7 @@ HELDOUT = Vocabulary(
     colours={"red": ("scarlet", "tomato red", "blood red"), "green": ("jade", "forest green", "leaf green"),
              "blue": ("azure", "sapphire", "royal blue"), "yellow": ("sunflower yellow", "mustard", "butter yellow"),
              "white": ("pearl white", "chalk white", "pure white"), "black": ("pitch black", "onyx", "inky black")},
-    shapes={"circle": ("orb", "sphere", "round blob"), "square": ("tile", "cube", "boxy shape"),
+    shapes={"circle": ("orb", "sphere", "round blob"), "square": ("tile", "cube", "slab"),
             "triangle": ("pyramid", "arrowhead", "triangular shape")},
     templates=("could you render a {adj}{c} {s} {bg}", "I want to see a {adj}{s} coloured {c} {bg}",
                "{b} scene with a {c} {s} in the middle", "show me a picture of a {adj}{c} {s} {bg}",
@@ -113,6 +113,7 @@ def generate_requests(split: str, count: int, seed: int = 0, plain_colour_rate: 
     vocab = VOCABULARIES[split]
     specs = [ShapeSpec(s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if c != b]
     rng = np.random.default_rng(seed)
+    slips = np.random.default_rng([seed, 1])  # typos draw from their own stream: the phrasing is the same without them
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
     requests, seen = [], set()
     for _ in range(count * 50):
@@ -125,10 +126,10 @@ def generate_requests(split: str, count: int, seed: int = 0, plain_colour_rate: 
         background = pick(vocab.backgrounds).format(b=back)
         text = pick(vocab.templates).format(c=colour, s=pick(vocab.shapes[spec.shape]), b=back, bg=background,
                                             adj=adjective)
-        if rng.random() < typo_rate:
+        if slips.random() < typo_rate:
             words = text.split(" ")
-            j = int(rng.integers(len(words)))
-            words[j] = _typo(words[j], rng)
+            j = int(slips.integers(len(words)))
+            words[j] = _typo(words[j], slips)
             text = " ".join(words)
         if text in seen:
             continue

@@ -124,7 +124,8 @@ class MeaningMatch(ColourMatch):
     The shape test: the pixels assigned to colour S (as ``colour-match`` assigns them), when they
     cover at least ``min_shape_fraction``, are compared by IoU with a circle, a square and a triangle
     of the same area and centroid; the asked shape must overlap best, with IoU >= ``min_iou`` (so
-    scattered pixels or noise form no shape). Used as the prompt optimizer's
+    scattered pixels or noise form no shape), and cover less of the image than the background
+    colour (so a swapped shape / background is no match). Used as the prompt optimizer's
     faithfulness reward, scored against the caption of the recorded meaning (not the user's words).
     Captions outside the shapes world score NaN."""
 
@@ -146,7 +147,9 @@ class MeaningMatch(ColourMatch):
                 continue
             mask = (assigned == self.names.index(spec.colour)).view(images.shape[-2], side).numpy()
             shape_ok = False
-            if mask.mean() >= self.min_shape_fraction:
+            background = float((assigned == self.names.index(spec.background)).float().mean())
+            # the shape lies on the background: fewer of its pixels (swapped colours are no match)
+            if self.min_shape_fraction <= mask.mean() < background:
                 best, ious = classify_shape(mask)
                 shape_ok = best == spec.shape and ious[best] >= self.min_iou
             scores.append(0.5 * c + 0.5 * float(shape_ok))
