@@ -188,7 +188,7 @@ def add_prompt_commands(commands) -> None:
                                        "image's agreement with each request's recorded meaning plus image quality. "
                                        "Held-out requests (a disjoint vocabulary) are evaluated against the user's "
                                        "own prompts; prints win rates with 95%% CIs. A rerun continues an interrupted run.")
-    quick.add_argument("--config", default=None, help="optional YAML (default: configs/prompt/quickstart.yaml's values)")
+    quick.add_argument("--config", default=None, help="optional YAML of PromptQuickstartConfig fields (default: the built-in values)")
     quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/pq rounds=1 heldout_prompts=20")
     quick.set_defaults(func=_quickstart)
 

@@ -37,7 +37,7 @@ def _default_train() -> PromptTrainConfig:
 
 @dataclass
 class PromptQuickstartConfig:
-    """The embedded default job (``configs/prompt/quickstart.yaml`` holds the same values)."""
+    """The embedded default job; every field is a ``key=value`` override of ``diffpo prompt quickstart``."""
 
     output_dir: str = "runs/prompt-quickstart"
     seed: int = 0
