@@ -4,7 +4,8 @@ keep-alive connection per client. Three scenarios:
 
 * ``prompt-healthz``: GET /healthz of ``diffpo prompt serve`` (HTTP, key and limiter, no model);
 * ``prompt-optimize``: POST /v1/optimize, real rewrites by the rewriter (default the tiny random LM,
-  n=1, max_new_tokens=4); the model lock serialises them, so latency grows with the clients waiting;
+  n=1, max_new_tokens=4); one model thread batches the requests waiting, so latency grows with the
+  clients waiting by batches, not by requests;
 * ``label``: ``diffpo label`` with a mix of POST /api/label (fsynced), GET /api/next, an image, the page.
 
 Every answer is checked (status 200; rewrites equal to the serial ones for the same prompt and seed;

@@ -4,7 +4,7 @@ each client on its own keep-alive connection, with the API key and the rate limi
 the right one; the p95 latency is printed (benchmarks/bench_server_load.py records it).
 
 The prompt API is loaded with real rewrites by the tiny random LM (n=1, max_new_tokens=4: ~4 ms of
-generation each, so 1,000 of them take seconds even though the model lock serialises them)."""
+generation each, so 1,000 of them take seconds batched by the one model thread)."""
 
 from __future__ import annotations
 

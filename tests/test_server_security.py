@@ -427,7 +427,7 @@ def wait_until_refused(port: int, timeout: float = 20.0) -> None:
 
 def test_prompt_server_process_is_local_and_stops_gracefully(tmp_path):
     """Default bind 127.0.0.1; on SIGTERM the port closes at once, but the 8 requests it had received
-    (one generating, the rest queued behind the model lock) are all answered; then exit 0."""
+    (some generating in a batch, the rest queued for the model thread) are all answered; then exit 0."""
     server = ServerProcess(["prompt", "serve", "tiny", "--port", "0", "--rate-limit", "0"], tmp_path / "log",
                            env={"DIFFPO_API_KEY": ""})
     body = {"prompt": "a red circle", "n": 16, "max_new_tokens": 128, "temperature": 1.0}
