@@ -136,7 +136,9 @@ def test_faithfulness_head_is_scored_against_the_original(built, pipe, heads):
     assert record["components"]["colour-match"][0] == pytest.approx(with_original, abs=1e-6)
     assert torch.isnan(colour(images, [rewrite] * S)).all()  # the tiny LM's text is no shapes caption
     with_rewrite = jpeg(images, [rewrite] * S).mean().item()
-    assert record["components"]["jpeg-compressibility"][0] == pytest.approx(with_rewrite, abs=1e-6)
+    # rendered in a batch with other texts, an image can differ in the last float bits, so a pixel
+    # may round the other way and the JPEG gain or lose a byte (1e-3 kB)
+    assert record["components"]["jpeg-compressibility"][0] == pytest.approx(with_rewrite, abs=2e-3)
     # the original is rendered on the same seeds
     originals = generate(pipe, [record["prompt"]] * S, record["seeds"], STEPS, 5.0)
     assert record["original_components"]["colour-match"] == pytest.approx(
