@@ -181,3 +181,33 @@ def test_rounds_resume_finishes_what_an_uninterrupted_run_does(tmp_path):
     assert run_rounds("tiny", template, rounds, pipeline, heads, embedder, resumed_dir, options, train,
                       progress=False) == resumed
     assert same_adapter(straight, resumed)
+
+
+# --- SFT warm start ------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_sft_loss_is_the_mean_completion_nll_and_training_lowers_it(tmp_path):
+    from diffpo.prompt.lm import build_tiny_lm, completion_batch, load_rewriter, render_inputs, sequence_logprobs
+    from diffpo.prompt.sft import sft_loss, train_sft
+    from diffpo.prompt.shapes_task import SHAPES_TEMPLATE, sft_examples
+
+    model, tokenizer = build_tiny_lm(0)
+    examples = sft_examples(load_requests("train", 4))
+    inputs = render_inputs(tokenizer, [p for p, _ in examples], SHAPES_TEMPLATE)
+    batch = completion_batch(tokenizer, inputs, [t for _, t in examples])
+    with torch.no_grad():
+        total = -sequence_logprobs(model, **batch).sum()
+    tokens = batch["completion_mask"][:, 1:].sum()
+    assert sft_loss(model, batch).item() == pytest.approx((total / tokens).item(), rel=1e-5)
+
+    final = train_sft("tiny", SHAPES_TEMPLATE, examples, tmp_path / "sft", steps=8, batch_size=4, lr=1e-2,
+                      progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    trained, _ = load_rewriter(str(final))  # the adapter merged into the base
+    with torch.no_grad():
+        assert sft_loss(trained, batch).item() < sft_loss(model, batch).item()
+    meta = json.loads((final / "diffpo_rewriter.json").read_text())
+    assert meta["method"] == "sft" and meta["template"]["instruction"] == SHAPES_TEMPLATE.instruction
+    assert train_sft("tiny", SHAPES_TEMPLATE, examples, tmp_path / "sft", steps=8) == final  # done: kept
