@@ -76,12 +76,13 @@ def main() -> None:
         timings[f"eval_{name}_s"] = time.time() - tick
         correct = [float(meaning_correct(row["optimized"], r)) for row, r in zip(result["per_prompt"], heldout)]
         metrics = result["metrics"]
+        faithful = next(key for key in metrics if key.startswith("meaning-match"))
         results[name] = {
             "combined": metrics["combined"]["optimized"]["mean"], "combined_ci95": metrics["combined"]["optimized"]["ci95"],
             "win_rate_over_original": metrics["combined"]["win_rate"]["mean"],
             "win_rate_ci95": metrics["combined"]["win_rate"]["ci95"],
-            "faithfulness": metrics["meaning-match"]["optimized"]["mean"],
-            "faithfulness_ci95": metrics["meaning-match"]["optimized"]["ci95"],
+            "faithfulness": metrics[faithful]["optimized"]["mean"],
+            "faithfulness_ci95": metrics[faithful]["optimized"]["ci95"],
             "meaning_accuracy": summarize(correct, seed=quick.seed)["mean"],
             "meaning_accuracy_ci95": summarize(correct, seed=quick.seed)["ci95"],
             "semantic_similarity": result["semantic_similarity"]["mean"],

@@ -93,6 +93,11 @@ def test_meaning_match_on_hand_made_images(meaning):
     assert scores[0].item() == pytest.approx(1.0) and scores[1].item() == pytest.approx(0.5)
     assert scores[2].item() == pytest.approx(0.0)
     assert scores[3].item() == pytest.approx(0.5)
+    # the strict form gates colours by the shape: only the right meaning scores
+    from diffpo.rewards import load
+
+    strict = load("meaning-match-strict")(images, [caption] * len(cases))
+    assert strict.tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
     assert torch.isnan(meaning(images[:1], ["please draw a crimson ball"])).all()  # not a caption: no opinion
 
 

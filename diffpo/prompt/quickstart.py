@@ -152,8 +152,8 @@ def run_prompt_quickstart(config: PromptQuickstartConfig) -> dict:
         return {"combined_original": combined["original"]["mean"], "combined": combined["optimized"]["mean"],
                 "combined_ci95": combined["optimized"]["ci95"], "win_rate_over_original": combined["win_rate"]["mean"],
                 "win_rate_ci95": combined["win_rate"]["ci95"],
-                "faithfulness": result["metrics"]["meaning-match"]["optimized"]["mean"]
-                if "meaning-match" in result["metrics"] else None,
+                "faithfulness": next((m["optimized"]["mean"] for key, m in result["metrics"].items()
+                                      if key.startswith("meaning-match")), None),
                 "meaning_accuracy": result["meaning_accuracy"]["mean"],
                 "meaning_accuracy_ci95": result["meaning_accuracy"]["ci95"],
                 "semantic_similarity": result["semantic_similarity"]["mean"],

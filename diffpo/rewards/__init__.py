@@ -20,7 +20,7 @@ from diffpo.rewards.pickscore import PickScore
 from diffpo.rewards.remote import RemoteReward
 from diffpo.rewards.video_reward import VideoReward
 from diffpo.rewards.programmatic import (Brightness, ColourMatch, JpegCompressibility, JpegIncompressibility, MeaningMatch,
-                                         MotionMatch)
+                                         MeaningMatchStrict, MotionMatch)
 
 REWARDS: dict[str, type[RewardHead]] = {
     "clip": ClipScore,
@@ -34,6 +34,7 @@ REWARDS: dict[str, type[RewardHead]] = {
     "jpeg-incompressibility": JpegIncompressibility,
     "colour-match": ColourMatch,
     "meaning-match": MeaningMatch,
+    "meaning-match-strict": MeaningMatchStrict,
     "brightness": Brightness,
     "motion-match": MotionMatch,
     "remote": RemoteReward,

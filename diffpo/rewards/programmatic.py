@@ -130,6 +130,7 @@ class MeaningMatch(ColourMatch):
     Captions outside the shapes world score NaN."""
 
     name = "meaning-match"
+    strict = False  # True: score = colour-match · [shape test passes]
 
     def __init__(self, min_iou: float = 0.5, **options):
         super().__init__(**options)
@@ -152,8 +153,18 @@ class MeaningMatch(ColourMatch):
             if self.min_shape_fraction <= mask.mean() < background:
                 best, ious = classify_shape(mask)
                 shape_ok = best == spec.shape and ious[best] >= self.min_iou
-            scores.append(0.5 * c + 0.5 * float(shape_ok))
+            scores.append(c * float(shape_ok) if self.strict else 0.5 * c + 0.5 * float(shape_ok))
         return torch.tensor(scores)
+
+
+class MeaningMatchStrict(MeaningMatch):
+    """``meaning-match`` with the shape as a gate instead of a half: score = colour-match · 1[shape
+    test passes], in [0, 1]. Right colours in the wrong shape score 0, so a rewriter cannot gain by
+    naming the shape the model renders with the most pixels of the right colours (which the
+    additive form pays half for; measured in docs/methods.md)."""
+
+    name = "meaning-match-strict"
+    strict = True
 
 
 class Brightness(RewardHead):
