@@ -400,7 +400,7 @@ def _train(config: TrainConfig) -> Path:
                                 online.jitter_timesteps, generator)
         with torch.no_grad(), accelerator.autocast():
             trajectory = sample_dpm_solver(lagged, stack.noise_scheduler, x_T, conditioning(text), grid, unconditional(n),
-                                           online.guidance_scale, stack.prediction_type)
+                                           online.guidance_scale, stack.prediction_type, online.negative_target)
         replay.add(timesteps=grid.T, latents=trajectory.latents.transpose(0, 1), predictions=trajectory.predictions.transpose(0, 1),
                    expert=experts, hidden=text.hidden, pooled=text.pooled)
 
