@@ -26,8 +26,10 @@ def test_smpo_loss_is_log2_at_initialisation_and_hand_computed_after():
     loss, _ = smpo_loss(e, e + 0.2, e, e + 0.2, p, beta=2000.0)
     torch.testing.assert_close(loss, torch.full((2,), math.log(2)))
     # dtheta - dref = (0.1 - 0.3) - (0.2 - 0.3) = -0.1, so logit = -1/2 * beta * gamma * (2p - 1) * -0.1 = 0.2
-    loss, _ = smpo_loss(torch.tensor([0.1]), torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([0.3]),
-                        torch.tensor([0.7]), beta=1.0, gamma=10.0)
+    loss, metrics = smpo_loss(torch.tensor([0.1]), torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([0.3]),
+                              torch.tensor([0.7]), beta=1.0, gamma=10.0)
+    # per-term differences against the reference: winner 0.1 - 0.2, loser 0.3 - 0.3
+    assert float(metrics["diff_w"]) == pytest.approx(-0.1) and float(metrics["diff_l"]) == 0.0
     logit = -0.5 * 1.0 * 10.0 * (2 * 0.7 - 1) * (-0.1)
     assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-logit))), rel=1e-5)
 
