@@ -348,3 +348,115 @@ def test_wan_training_from_the_cache_equals_encoding_every_step(tmp_path, tiny_w
         assert shard.get_slice("mean_w").get_shape() == [8, 16, 2, 4, 4]  # video latents (C, F', h, w) per clip
         assert shard.get_slice("hidden").get_shape() == [8, 512, 32]  # UMT5 states per caption
     assert json.loads((folder / "meta.json").read_text())["built_for"]["frames"] == {"num_frames": FRAMES, "stride": 1}
+
+
+# ---- evaluation on Wan pipelines --------------------------------------------------------------------
+
+
+def _eval_config(out, models, **extra):
+    from diffpo.eval.config import EvalConfig
+    from diffpo.config import from_dict
+
+    data = {"output_dir": str(out), "progress_bar": False, "models": models,
+            "prompts": {"source": "shapes", "max_prompts": 3, "subsample_seed": 1},
+            "sampling": {"steps": 2, "images_per_prompt": 1, "batch_size": 3, "resolution": 32, "num_frames": FRAMES},
+            "rewards": [{"name": "brightness"}, {"name": "motion-match"}],
+            "report": {"bootstrap_resamples": 200, "grid_prompts": 2, "top_k": 1, "consistency_embedding": "pixels"}}
+    data.update(extra)
+    return from_dict(EvalConfig, data)
+
+
+def test_diffpo_eval_samples_wan_clips_on_fixed_seeds_with_per_frame_and_clip_rewards(tmp_path, tiny_wan_dir):
+    from diffpo.eval.backends import DiffusersBackend
+    from diffpo.eval.config import EvalModelConfig, SamplingConfig
+    from diffpo.eval.runner import run_eval
+    from diffpo.eval.video import pixel_embedding, temporal_consistency
+    from diffpo.models.lora import attach_lora, export_lora
+
+    sampling = SamplingConfig(steps=2, guidance_scale=2.0, resolution=32, num_frames=FRAMES)
+    backend = DiffusersBackend(EvalModelConfig(name="base", pretrained=tiny_wan_dir), sampling)
+    assert backend.info["scheduler"] == "FlowMatchEulerDiscreteScheduler" and backend.pipe.scheduler.config.shift == 3.0
+    assert backend.latent_shape == (16, 2, 4, 4)
+    seeds = [3, 4]
+    first = backend.generate(PROMPTS, seeds)
+    assert first.shape == (2, FRAMES, 3, 32, 32) and torch.equal(first, backend.generate(PROMPTS, seeds))
+    torch.testing.assert_close(backend.generate(PROMPTS[1:], seeds[1:])[0], first[1], atol=1e-5, rtol=0)
+    for bad, message in [(dict(num_frames=4), r"sampling.num_frames=4: the Wan VAE takes 4k\+1 frames"),
+                         (dict(resolution=40, num_frames=5), r"sampling.resolution=40 is not a multiple of 16")]:
+        with pytest.raises(ValueError, match=message):
+            DiffusersBackend(EvalModelConfig(name="x", pretrained=tiny_wan_dir), SamplingConfig(steps=1, **bad))
+
+    # a run dir with a fresh LoRA (B = 0) samples exactly what the base model samples
+    stack = load_stack(tiny_wan_dir)
+    attach_lora(stack.unet, 4, None, 0.0, None, family=stack.family)
+    export_lora(stack.unet, stack.family.pipeline_class, tmp_path / "run" / "final",
+                layers_argument=stack.family.lora_layers_argument)
+    (tmp_path / "run" / "final" / "diffpo.json").write_text(json.dumps({"base_model": stack.source}))
+    result = run_eval(_eval_config(tmp_path / "eval", [{"name": "base", "pretrained": tiny_wan_dir},
+                                                       {"name": "run", "run_dir": str(tmp_path / "run")}]))
+    assert result["metrics"] == ["brightness", "motion-match", "temporal_consistency"]
+    for metric in ("brightness", "temporal_consistency"):  # the same clips: equal means (motion-match: NaN, no shape
+        # found in a random model's clips)
+        assert result["summary"][metric]["run"]["mean"] == pytest.approx(result["summary"][metric]["base"]["mean"], abs=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    from diffpo.eval.generate import load_sample
+
+    for row in rows:
+        clip = load_sample(tmp_path / "eval" / row["file"])
+        assert clip.shape == (FRAMES, 3, 32, 32) and len(row["brightness@frames"]) == FRAMES
+        # whole clip = mean of the per-frame scores; the motion reward scores clips only (no per-frame list)
+        assert row["brightness"] == pytest.approx(sum(row["brightness@frames"]) / FRAMES, abs=1e-6)
+        assert "motion-match@frames" not in row
+        # brightness by hand: the mean pixel of each frame
+        assert row["brightness@frames"] == pytest.approx(clip.mean(dim=(1, 2, 3)).tolist(), abs=1e-5)
+        assert row["temporal_consistency"] == pytest.approx(
+            temporal_consistency(clip[None], pixel_embedding).item(), abs=1e-5)
+    assert set(result["per_frame"]) == {"brightness"} and len(result["per_frame"]["brightness"]["base"]) == FRAMES
+    assert (tmp_path / "eval" / "figures" / "per_frame.png").is_file()
+    assert "pixels (centred)" in (tmp_path / "eval" / "index.html").read_text()
+
+
+def test_temporal_consistency_with_a_clip_encoder_of_its_own(tmp_path):
+    """``report.consistency_embedding=clip`` with no open_clip reward head: a CLIP image encoder
+    (here a tiny random open_clip architecture) embeds the frames; a still clip scores exactly 1."""
+    import open_clip
+
+    from diffpo.eval.runner import run_eval
+
+    arch = "diffpo-wan-tiny-vit"
+    spec = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / f"{arch}.json").write_text(json.dumps(spec))
+    open_clip.add_model_config(tmp_path / f"{arch}.json")
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(arch).state_dict(), tmp_path / "clip.pt")
+
+    class Square:
+        """A light square on a background of a seed-drawn colour, moving ``speed`` pixels per frame."""
+
+        def __init__(self, speed):
+            self.speed, self.info = speed, {"backend": "moving square"}
+
+        def generate(self, prompts, seeds):
+            videos = torch.zeros(len(seeds), FRAMES, 3, 32, 32)
+            for b, seed in enumerate(seeds):
+                g = torch.Generator().manual_seed(seed)
+                videos[b] = torch.rand(3, generator=g).view(1, 3, 1, 1)
+                for f in range(FRAMES):
+                    videos[b, f, :, 8:20, 2 + f * self.speed: 14 + f * self.speed] = 0.9
+            return videos
+
+    speeds = {"still": 0, "moving": 4}
+    config = _eval_config(tmp_path / "eval", [{"name": "still", "pretrained": "tiny"}, {"name": "moving", "pretrained": "tiny"}],
+                          rewards=[{"name": "brightness"}],
+                          report={"bootstrap_resamples": 200, "consistency_embedding": "clip",
+                                  "consistency_clip_arch": arch, "consistency_clip_path": str(tmp_path / "clip.pt")})
+    result = run_eval(config, build_backend=lambda entry, sampling, device, dtype: Square(speeds[entry.name]))
+    summary = result["summary"]["temporal_consistency"]
+    assert summary["still"]["mean"] == pytest.approx(1.0, abs=1e-5) and summary["moving"]["mean"] < 0.9999
+    assert f"CLIP {arch}" in (tmp_path / "eval" / "index.html").read_text()
+    from diffpo.config import ConfigError as Error
+
+    with pytest.raises(Error, match="report.consistency_reward='brightness' .* report.consistency_embedding=pixels: drop one"):
+        _eval_config(tmp_path / "x", [{"name": "a", "pretrained": "tiny"}],
+                     report={"consistency_embedding": "pixels", "consistency_reward": "brightness"})

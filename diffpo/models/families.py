@@ -606,6 +606,15 @@ class WanFamily(StableDiffusion3Family):
         side = side or self.native_side // self.vae_scale_factor(pipe.vae)
         return (int(pipe.vae.config.z_dim), self.latent_frames(pipe.vae, num_frames), side, side)
 
+    def pipeline_inputs(self, pipe, latents: torch.Tensor, guidance_scale: float, eta: float) -> dict:
+        """``WanPipeline`` from 5-D ``latents``; its frame count is given with them (``num_frames``)."""
+        if eta:
+            raise ValueError(f"sampling.eta={eta} adds DDIM step noise; WanPipeline samples a deterministic flow ODE: "
+                             "set sampling.eta=0")
+        h, w = latents.shape[-2:]
+        factor = self.vae_scale_factor(pipe.vae)
+        return {"latents": latents, "guidance_scale": guidance_scale, "height": h * factor, "width": w * factor}
+
     def native_resolution(self, stack) -> int:
         return self.native_side
 
