@@ -460,3 +460,22 @@ def test_temporal_consistency_with_a_clip_encoder_of_its_own(tmp_path):
     with pytest.raises(Error, match="report.consistency_reward='brightness' .* report.consistency_embedding=pixels: drop one"):
         _eval_config(tmp_path / "x", [{"name": "a", "pretrained": "tiny"}],
                      report={"consistency_embedding": "pixels", "consistency_reward": "brightness"})
+
+
+def test_the_wan_fsdp_config_wraps_every_transformer_block(tiny_wan_dir):
+    """configs/accelerate/fsdp_wan.yaml names the block class accelerate wraps: it must be the class of
+    every one of the transformer's blocks (a misspelt name would leave the 14 B model unsharded)."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    config = load_config_from_file(str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_wan.yaml"))
+    assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    names = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    transformer = load_stack(tiny_wan_dir).unet
+    classes = {get_module_class_from_name(transformer, name) for name in names}
+    assert None not in classes
+    wrapped = [m for m in transformer.modules() if type(m) in classes]
+    assert wrapped == list(transformer.blocks) and len(wrapped) == transformer.config.num_layers
+    assert set(names) <= set(transformer._no_split_modules)
