@@ -203,6 +203,8 @@ def test_frame_counts_and_sides_the_wan_vae_cannot_take_fail_in_one_line(tmp_pat
             run_training(_config(tmp_path, tiny_wan_dir, wan_pairs, "bad", *overrides))
         assert "\n" not in str(error.value)
     stack = load_stack(tiny_wan_dir)
+    with pytest.raises(ValueError, match=r"lora.part=motion selects .* no separate motion layers: set lora.part=both"):
+        run_training(_config(tmp_path, tiny_wan_dir, wan_pairs, "bad", "lora.part=motion"))
     with pytest.raises(ValueError, match=r"frames per clip=4: .* use 5"):
         stack.encode_images(torch.zeros(1, 4, 3, 32, 32))
     with pytest.raises(ValueError, match=r"encodes clips \(N, F, 3, H, W\)"):
@@ -479,3 +481,43 @@ def test_the_wan_fsdp_config_wraps_every_transformer_block(tiny_wan_dir):
     wrapped = [m for m in transformer.modules() if type(m) in classes]
     assert wrapped == list(transformer.blocks) and len(wrapped) == transformer.config.num_layers
     assert set(names) <= set(transformer._no_split_modules)
+
+
+def test_score_weighted_reference_free_and_inversion_objectives_train_on_wan(tmp_path, tiny_wan_dir):
+    """The variants that read reward scores start where they should (MADPO: its weight times log 2;
+    SmPO, with flow-ODE inversion of the 5-D latents: log 2); SimPO runs without a reference (one
+    transformer forward per step)."""
+    from diffusers import WanTransformer3DModel
+
+    from diffpo.data.moving_shapes import sample_moving_shapes
+    from diffpo.data.writer import write_pairs_parquet
+    from diffpo.trainers import run_training
+
+    clips = sample_moving_shapes(8, size=32, frames=FRAMES, seed=5)
+    pairs = [{"image_0": clips[2 * i][0], "image_1": clips[2 * i + 1][0], "label_0": 1.0, "caption": clips[2 * i][1],
+              "reward_0": 0.2, "reward_1": 0.18} for i in range(4)]
+    scored = str(write_pairs_parquet(tmp_path / "scored.parquet", pairs))
+    scores = "data.score_columns=[reward_0,reward_1]"
+    madpo = _metrics(run_training(_config(tmp_path, tiny_wan_dir, scored, "madpo", "objective.name=madpo", scores)))
+    # every pair's winner leads by m = 0.02: MADPO's weight 2 sigma(-m) times log 2 (docs/objective_variants.md)
+    weight = 2 * torch.sigmoid(torch.tensor(-0.02, dtype=torch.float64)).item()
+    assert madpo[0]["loss"] == pytest.approx(weight * LOG2, rel=1e-5) and madpo[0]["implicit_acc"] == 0.5
+    smpo = _metrics(run_training(_config(tmp_path, tiny_wan_dir, scored, "smpo", "method=smpo", scores,
+                                         "objective.inversion_steps=2")))
+    assert smpo[0]["loss"] == pytest.approx(LOG2, abs=1e-6) and 0.5 < smpo[0]["soft_label"] < 1.0
+    assert math.isfinite(smpo[1]["loss"]) and smpo[1]["loss"] != smpo[0]["loss"]
+
+    calls = []
+    forward = WanTransformer3DModel.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs["hidden_states"].shape[0])
+        return forward(self, *args, **kwargs)
+
+    WanTransformer3DModel.forward = counted
+    try:
+        simpo = _metrics(run_training(_config(tmp_path, tiny_wan_dir, scored, "simpo", "objective.name=simpo",
+                                              "objective.beta=50")))
+    finally:
+        WanTransformer3DModel.forward = forward
+    assert calls == [4, 4] and all(math.isfinite(m["loss"]) for m in simpo)  # 2 pairs = 4 clips, no reference
