@@ -521,3 +521,56 @@ def test_score_weighted_reference_free_and_inversion_objectives_train_on_wan(tmp
     finally:
         WanTransformer3DModel.forward = forward
     assert calls == [4, 4] and all(math.isfinite(m["loss"]) for m in simpo)  # 2 pairs = 4 clips, no reference
+
+
+@pytest.mark.slow
+def test_fsdp_full_shard_by_wan_block_equals_one_process(tmp_path, tiny_wan_dir, wan_pairs):
+    """Full fine-tuning under FSDP as configs/accelerate/fsdp_wan.yaml sets it up (full shard, each
+    WanTransformerBlock a unit), on two CPU processes (torchrun, gloo), makes the update one process
+    makes with the two processes' pairs in one batch, and exports a whole ``final/transformer``."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from diffusers import WanTransformer3DModel
+
+    from diffpo.trainers import run_training
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip(f"torchrun is not installed next to {sys.executable}")
+    root = Path(__file__).resolve().parents[1]
+    fsdp = load_config_from_file(str(root / "configs" / "accelerate" / "fsdp_wan.yaml")).fsdp_config
+    names = {"fsdp_transformer_layer_cls_to_wrap": "FSDP_TRANSFORMER_CLS_TO_WRAP"}  # as accelerate launch exports them
+    env = {names.get(k, k.upper()): str(v).lower() if isinstance(v, bool) else str(v) for k, v in fsdp.items()
+           if k not in ("fsdp_version", "fsdp_activation_checkpointing")}
+    # parameter broadcast at wrapping (sync_module_states) needs a GPU; every process loads the same weights
+    env.update(ACCELERATE_USE_FSDP="true", FSDP_SYNC_MODULE_STATES="false")
+    assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "WanTransformerBlock" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
+    common = [f"model.pretrained={tiny_wan_dir}", f"data.source={wan_pairs}", "data.resolution=32", f"data.num_frames={FRAMES}",
+              "max_steps=3", "finetune=full", "optim.lr=1e-5", "optim.warmup_steps=0", "objective.beta=500",
+              "progress_bar=false", "log_every=1", "checkpoint_every=0"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "diffpo",
+         "train", "configs/diffusion_dpo/tiny.yaml", *common, f"output_dir={tmp_path / 'two'}", "train_batch_size=1"],
+        capture_output=True, text=True, timeout=400, cwd=root,
+        env={**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = run_training(load_config(TrainConfig, str(root / "configs" / "diffusion_dpo" / "tiny.yaml"),
+                                   [*common, f"output_dir={tmp_path / 'one'}", "train_batch_size=2"]))
+    base = load_stack(tiny_wan_dir).unet.state_dict()
+    sharded = WanTransformer3DModel.from_pretrained(tmp_path / "two" / "final" / "transformer").state_dict()
+    single = WanTransformer3DModel.from_pretrained(one / "final" / "transformer").state_dict()
+    assert sharded.keys() == single.keys() == base.keys()
+    apart = torch.cat([(sharded[k] - single[k]).abs().flatten() for k in base])
+    moved = torch.cat([(single[k] - base[k]).abs().flatten() for k in base])
+    assert float(moved.max()) > 2e-5 and float(apart.max()) < 1e-6  # 3 Adam steps of lr 1e-5; fp32 summation order
+    two, single_metrics = _metrics(tmp_path / "two"), _metrics(one)
+    assert two[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in single_metrics], rel=1e-4)
