@@ -574,3 +574,51 @@ def test_fsdp_full_shard_by_wan_block_equals_one_process(tmp_path, tiny_wan_dir,
     two, single_metrics = _metrics(tmp_path / "two"), _metrics(one)
     assert two[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in single_metrics], rel=1e-4)
+
+
+def test_wan22_ti2v_layout_trains_with_per_token_timesteps_and_samples(tmp_path, wan_pairs):
+    """A tiny Wan2.2-TI2V-5B-layout pipeline (48-channel residual VAE with a 2x2 patchify, 16x spatial;
+    ``expand_timesteps``): the family passes one timestep per latent token as its pipeline does, sides
+    must be multiples of 32, Flow-DPO starts at log 2, and eval samples its clips."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from diffpo.eval.backends import DiffusersBackend
+    from diffpo.eval.config import EvalModelConfig, SamplingConfig
+    from diffpo.models.tiny import build_tiny_wan22_ti2v_components
+    from diffpo.trainers import run_training
+
+    folder = tmp_path / "ti2v"
+    WanPipeline(**build_tiny_wan22_ti2v_components(), expand_timesteps=True).save_pretrained(folder)
+    stack = load_stack(str(folder))
+    assert stack.family.name == "wan2.2-ti2v" and stack.vae_scale_factor == 16 and stack.latent_channels == 48
+    pixels = torch.rand(1, FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, _ = stack.encode_images(pixels)
+    assert mean.shape == (1, 48, 2, 4, 4)
+    with pytest.raises(ValueError, match="data.resolution=48 is not a multiple of 32"):
+        stack.check_clip(FRAMES, 48)
+
+    seen = []
+    forward = WanTransformer3DModel.forward
+
+    def recorded(self, *args, **kwargs):
+        seen.append(tuple(kwargs["timestep"].shape))
+        return forward(self, *args, **kwargs)
+
+    WanTransformer3DModel.forward = recorded
+    try:
+        x = torch.randn(2, 48, 2, 4, 4)
+        cond = stack.family.unet_conditioning(stack.encode_prompts(PROMPTS))
+        with torch.no_grad():
+            ours = stack.denoiser()(x, torch.tensor([300.0, 700.0]), cond)
+            tokens = torch.tensor([300.0, 700.0])[:, None].expand(2, 2 * 2 * 2)  # F' x h/2 x w/2 tokens
+            direct = stack.unet(hidden_states=x, timestep=tokens, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        assert seen == [(2, 8), (2, 8)] and torch.equal(ours, direct)
+        seen.clear()
+        backend = DiffusersBackend(EvalModelConfig(name="ti2v", pretrained=str(folder)),
+                                   SamplingConfig(steps=2, resolution=64, num_frames=FRAMES))
+        assert backend.generate(PROMPTS[:1], [0]).shape == (1, FRAMES, 3, 64, 64)
+        assert seen and all(shape == (1, 8) for shape in seen)  # the pipeline's own per-token timesteps
+    finally:
+        WanTransformer3DModel.forward = forward
+    metrics = _metrics(run_training(_config(tmp_path, str(folder), wan_pairs, "run", "data.resolution=64")))
+    assert metrics[0]["loss"] == pytest.approx(LOG2, abs=1e-6) and math.isfinite(metrics[1]["loss"])

@@ -380,3 +380,29 @@ def build_tiny_wan_components(seed: int = 0, text_width: int = 32, flow_shift: f
                                         num_train_timesteps=1000)
     _eval(text_encoder, transformer, vae)
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def tiny_wan22_vae_config(base_dim: int = 16) -> dict:
+    """A small Wan2.2 (TI2V-5B layout) ``AutoencoderKLWan`` config: residual blocks, 48 latent channels,
+    a 2x2 pixel patchify inside encode / decode (12 = 3 x 2 x 2 input channels), so 16x spatial and 4x
+    temporal; per-channel statistics made up (the real ones come with the checkpoint)."""
+    return dict(base_dim=base_dim, decoder_base_dim=base_dim, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16,
+                scale_factor_temporal=4, temperal_downsample=[False, True, True],
+                latents_mean=[0.1 * (i % 5) for i in range(48)], latents_std=[1.0 + 0.1 * (i % 3) for i in range(48)])
+
+
+def build_tiny_wan22_ti2v_components(seed: int = 0, text_width: int = 32, flow_shift: float = 5.0) -> dict:
+    """Components of a tiny Wan2.2-TI2V-5B-layout ``WanPipeline`` used as text-to-video: the Wan2.2 VAE
+    (48 channels, 16x) and a transformer on 48-channel latents; build the pipeline with
+    ``WanPipeline(**parts, expand_timesteps=True)`` (one timestep per latent token, as TI2V-5B)."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    parts = build_tiny_wan_components(seed, text_width, flow_shift)
+    torch.manual_seed(seed + 1)
+    parts["vae"] = AutoencoderKLWan(**tiny_wan22_vae_config())
+    parts["transformer"] = WanTransformer3DModel(**{**tiny_wan_transformer_config(text_width), "in_channels": 48,
+                                                    "out_channels": 48})
+    _eval(parts["vae"], parts["transformer"])
+    return parts
