@@ -176,7 +176,9 @@ class ObjectiveConfig:
     gamma: float = 10.0  # SmPO: the official scale on the soft-label logit
     score_low: float = 0.11543526500463486  # SmPO: min-max normalisation of data.score_columns (official PickScore)
     score_high: float = 0.28201571106910706
-    inversion_steps: int = 5  # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10)
+    # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10); 0: no inversion, x_t from
+    # the forward process with the pair's shared noise (SmPO's smoothed labels alone, an ablation)
+    inversion_steps: int = 5
     # SmPO: per_sample lands x~ on each training timestep; shared is the official code's one coarse grid
     inversion_grid: Literal["per_sample", "shared"] = "per_sample"
     # SmPO: which model inverts x_0 (policy: the official code, a target that moves with training;

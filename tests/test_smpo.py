@@ -60,7 +60,23 @@ def test_smpo_inverting_with_the_reference_differs_from_the_policy_only_after_an
     assert reference[1]["loss"] != policy[1]["loss"]
 
 
-def _two_smpo_steps(tmp_path, inversion_model: str) -> list[dict]:
+def test_smpo_without_inversion_is_diffusion_dpo_with_beta_scaled_by_the_soft_label():
+    """inversion_steps=0: x_t from the forward process with the pair's shared noise, so with one soft
+    label p for every pair SmPO trains exactly as Diffusion-DPO with beta' = beta gamma (2p - 1) (the
+    rewards agree with make_pairs' alternating labels: the labelled winner has the higher score)."""
+    import tempfile
+    from pathlib import Path
+
+    p = float(soft_labels(torch.tensor([0.25]), torch.tensor([0.18])))
+    with tempfile.TemporaryDirectory() as folder:
+        smpo = _two_smpo_steps(Path(folder) / "smpo", "policy", inversion_steps=0, rewards=lambda i: (0.25, 0.18) if i % 2 else (0.18, 0.25))
+        dpo = _two_smpo_steps(Path(folder) / "dpo", "policy", method="diffusion_dpo", beta=2000.0 * 10.0 * (2 * p - 1))
+    assert smpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert smpo[1]["loss"] == pytest.approx(dpo[1]["loss"], rel=1e-5) and smpo[1]["loss"] != smpo[0]["loss"]
+
+
+def _two_smpo_steps(tmp_path, inversion_model: str, inversion_steps: int = 3, method: str = "smpo",
+                    beta: float = 2000.0, rewards=lambda i: (0.2 + 0.01 * i, 0.18)) -> list[dict]:
     import json
 
     from conftest import make_pairs
@@ -70,11 +86,14 @@ def _two_smpo_steps(tmp_path, inversion_model: str) -> list[dict]:
 
     pairs = make_pairs(4)
     for i, pair in enumerate(pairs):
-        pair["reward_0"], pair["reward_1"] = 0.2 + 0.01 * i, 0.18
+        pair["reward_0"], pair["reward_1"] = rewards(i)
     source = write_pairs_parquet(tmp_path / "pairs.parquet", pairs)
+    objective = {"beta": beta}
+    if method == "smpo":
+        objective.update(inversion_steps=inversion_steps, inversion_model=inversion_model)
     config = from_dict(TrainConfig, {
-        "method": "smpo", "output_dir": str(tmp_path / "run"), "max_steps": 2, "train_batch_size": 2,
-        "progress_bar": False, "model": {"pretrained": "tiny"}, "objective": {"beta": 2000.0, "inversion_steps": 3, "inversion_model": inversion_model},
+        "method": method, "output_dir": str(tmp_path / "run"), "max_steps": 2, "train_batch_size": 2,
+        "progress_bar": False, "model": {"pretrained": "tiny"}, "objective": objective,
         "optim": {"lr": 1e-3}, "data": {"source": str(source), "score_columns": ["reward_0", "reward_1"]}})
     run_dir = run_training(config)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -201,7 +201,7 @@ def _train(config: TrainConfig) -> Path:
             time_ids = sdxl_time_ids(torch.cat([batch["original_size_w"], batch["original_size_l"]]),
                                      torch.cat([batch["crop_w"], batch["crop_l"]]), resolution)
         conditioning = stack.family.unet_conditioning(text, time_ids)
-        if method.prepare == "inversion":  # SmPO: x_t from inverting x_0 with the current policy; its target
+        if method.prepare == "inversion" and config.objective.inversion_steps > 0:  # SmPO: x_t from inverting x_0; its target
             # (DDPM: the noise tau reaching x~_t in one jump; flow: the straight-path velocity (x~ - x_0) / sigma)
             noisy = process.invert(inverting_policy, noised.latents, conditioning, noised.timesteps,
                                    config.objective.inversion_steps, config.objective.inversion_grid)
