@@ -179,6 +179,9 @@ class ObjectiveConfig:
     inversion_steps: int = 5  # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10)
     # SmPO: per_sample lands x~ on each training timestep; shared is the official code's one coarse grid
     inversion_grid: Literal["per_sample", "shared"] = "per_sample"
+    # SmPO: which model inverts x_0 (policy: the official code, a target that moves with training;
+    # reference: a fixed trajectory, docs/methods.md "SmPO's fragility")
+    inversion_model: Literal["policy", "reference"] = "policy"
     margin: float = 0.001  # Diffusion-DRO: the hinge margin m
 
     def __post_init__(self):
@@ -253,6 +256,9 @@ class OnlineConfig:
     replay_every: int = 1  # DRO: micro-steps between refills
     lagged_sync_every: int = 1  # DRO: optimizer steps between copies of the policy into the lagged sampler
     jitter_timesteps: bool = True  # DRO: each trajectory's solver grid shifted by its own offset
+    # DRO: the negative's stored target when the lagged copy samples with guidance: its conditional
+    # prediction (what the policy is trained to output), or the guided one that stepped the solver
+    negative_target: Literal["conditional", "guided"] = "conditional"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # D3PO / SePPO sampler (DRO on flow models: its ODE steps)
 
     def __post_init__(self):

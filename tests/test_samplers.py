@@ -255,7 +255,7 @@ def test_flow_schedule_is_the_schedulers_and_jitter_keeps_grids_decreasing():
     torch.testing.assert_close(flat[:, 0], torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     # a trajectory on per-sample grids re-scores to ratio 1 as well
     traj = sampler.sample(toy_denoiser(0.3), torch.randn(4, 16, 4, 4), {"encoder_hidden_states": torch.ones(4, 2, 4)},
-                          guidance=1.0, schedule=sampler.per_sample_schedule(sigmas), record_outputs=True)
+                          guidance=1.0, schedule=sampler.per_sample_schedule(sigmas), record_outputs="guided")
     assert traj.timesteps.shape == (6, 4) and traj.outputs.shape == (6, 4, 16, 4, 4)
     assert max_ratio_error(sampler, toy_denoiser(0.3), traj, {"encoder_hidden_states": torch.ones(4, 2, 4)}) <= 1e-6
 

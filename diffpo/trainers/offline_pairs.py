@@ -138,7 +138,9 @@ def _train(config: TrainConfig) -> Path:
         if config.data.score_columns is None:
             raise ConfigError(f"method={config.method} needs reward scores per image: set data.score_columns "
                               "(e.g. [pickscore_0, pickscore_1] from `diffpo score --pairs`)")
-        inverting_policy = stack.denoiser(accelerator.unwrap_model(unet))
+        # objective.inversion_model: the policy (official; the target moves as it trains) or the reference
+        inverting_policy = (reference if config.objective.inversion_model == "reference"
+                            else stack.denoiser(accelerator.unwrap_model(unet)))
     if accelerator.is_main_process:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 

@@ -432,7 +432,7 @@ def _train(config: TrainConfig) -> Path:
                                           generator)
             with torch.no_grad(), accelerator.autocast():
                 flow = sampler.sample(lagged, x_T, conditioning(text), unconditional(n), online.guidance_scale,
-                                      record_outputs=True, schedule=sampler.per_sample_schedule(sigmas))
+                                      record_outputs=online.negative_target, schedule=sampler.per_sample_schedule(sigmas))
             replay.add(timesteps=flow.timesteps.T, latents=flow.latents[:-1].to(weight_dtype).transpose(0, 1),
                        predictions=flow.outputs.transpose(0, 1), expert=experts, hidden=text.hidden, pooled=text.pooled)
             return
@@ -440,7 +440,7 @@ def _train(config: TrainConfig) -> Path:
                                 online.jitter_timesteps, generator)
         with torch.no_grad(), accelerator.autocast():
             trajectory = sample_dpm_solver(lagged, stack.noise_scheduler, x_T, conditioning(text), grid, unconditional(n),
-                                           online.guidance_scale, stack.prediction_type)
+                                           online.guidance_scale, stack.prediction_type, online.negative_target)
         replay.add(timesteps=grid.T, latents=trajectory.latents.transpose(0, 1), predictions=trajectory.predictions.transpose(0, 1),
                    expert=experts, hidden=text.hidden, pooled=text.pooled)
 
