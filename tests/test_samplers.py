@@ -23,6 +23,7 @@ from diffpo.kernel.samplers import (
     jittered_flow_sigmas,
     make_sampler,
     max_ratio_error,
+    random_window,
 )
 
 
@@ -235,6 +236,27 @@ def test_window_records_only_its_steps_and_the_rest_is_deterministic(name):
         sampler.rescore(toy_denoiser(0.3), runs[0], torch.tensor([0, 0]), torch.arange(2), cond, uncond, 3.0)
     # a per-call window overrides the configured one
     assert sampler.sample(toy_denoiser(0.3), x_T, cond, uncond, 3.0, 6, window=(0, 1)).steps.tolist() == [0]
+
+
+def test_random_window_covers_its_range_and_fits():
+    gen = torch.Generator().manual_seed(0)
+    starts = {random_window(3, 1, 6, gen)[0] for _ in range(200)}
+    assert starts == {1, 2, 3} and random_window(2, 0, 2) == (0, 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        random_window(4, 0, 3)
+
+
+def test_rescore_step_gives_the_gaussian_of_flow_grpo_kl():
+    sampler = flow_sampler("flow_sde")
+    traj = sampler.sample(toy_denoiser(0.3), torch.randn(3, 4, 2, 2), COND, UNCOND, 2.0, 4)
+    steps, samples = torch.full((3,), 1), torch.arange(3)
+    policy = sampler.rescore_step(toy_denoiser(0.3), traj, steps, samples, COND, UNCOND, 2.0)
+    ref = sampler.rescore_step(toy_denoiser(0.4), traj, steps, samples, COND, UNCOND, 2.0)
+    torch.testing.assert_close(policy.log_prob, traj.log_probs[1], rtol=0, atol=0)
+    # the log-ratio of two Gaussians with one std at x' is linear in x': check it against the means
+    x_next = traj.latents[2].float()
+    direct = (((x_next - ref.mean) ** 2 - (x_next - policy.mean) ** 2) / (2 * policy.std**2)).flatten(1).mean(1)
+    torch.testing.assert_close(policy.log_prob - ref.log_prob, direct, rtol=1e-4, atol=1e-5)
 
 
 def test_cps_last_step_is_deterministic_and_not_recorded():

@@ -331,6 +331,12 @@ class Sampler:
         """Log-probabilities (N,) fp32 of N stored transitions, transition n being step ``steps[n]`` of
         trajectory sample ``samples[n]``, under ``denoise`` (one batched forward; with grad if enabled).
         ``cond``/``uncond`` hold one row per transition."""
+        return self.rescore_step(denoise, trajectory, steps, samples, cond, uncond, guidance).log_prob
+
+    def rescore_step(self, denoise: Denoiser, trajectory: SampledTrajectory, steps: torch.Tensor, samples: torch.Tensor,
+                     cond: dict, uncond: dict | None = None, guidance: float = 1.0) -> StepOutput:
+        """As ``rescore``, with the step's Gaussian: ``mean`` (N, ...) fp32 and ``std`` under ``denoise``
+        (Flow-GRPO's KL to the reference is ||mean_theta - mean_ref||^2 / (2 std^2), per element)."""
         _check_spec(self.spec, trajectory.spec)
         steps, samples = steps.cpu(), samples.cpu()
         _rows_of(trajectory.steps, steps)  # only recorded (stochastic) steps have a log-probability
@@ -340,7 +346,7 @@ class Sampler:
         t = _at(schedule.timesteps, steps, samples).to(sample.device)
         model_dtype = trajectory.model_dtype or sample.dtype
         output = guided(denoise, self.model_input(sample, model_dtype), t, cond, uncond, guidance)
-        return self.step(schedule, steps, samples, sample, output, prev_sample=prev_sample).log_prob
+        return self.step(schedule, steps, samples, sample, output, prev_sample=prev_sample)
 
 
 def _check_window(window, num_steps: int) -> None:
@@ -485,6 +491,15 @@ def make_sampler(name: str, process, scheduler, noise_level: float | None = None
         def dynamic_mu(latent_shape):
             return process.dynamic.mu(math.prod(latent_shape[1:]) // process.latent_tokens)
     return FlowSampler(spec, scheduler, dynamic_mu)
+
+
+def random_window(size: int, low: int, high: int, generator: torch.Generator | None = None) -> tuple[int, int]:
+    """A window of ``size`` consecutive steps starting uniformly in [low, high - size] (Flow-GRPO-Fast's
+    ``sde_window_size`` within ``sde_window_range`` = (low, high)), for ``Sampler.sample(window=...)``."""
+    if size < 1 or high - low < size:
+        raise ValueError(f"a window of {size} steps does not fit in [{low}, {high})")
+    start = low + int(torch.randint(0, high - low - size + 1, (1,), generator=generator))
+    return start, start + size
 
 
 def jittered_flow_sigmas(process, num_steps: int, batch: int, latent_shape, jitter: bool = True,
