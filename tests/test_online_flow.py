@@ -97,3 +97,15 @@ def test_d3po_on_a_flow_model_resumes_exactly(tmp_path):
     a = load_file(str(straight / "final" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "final" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_d3po_on_a_unet_trains_only_the_ddim_window(tmp_path):
+    from diffpo.data import rounds
+    from diffpo.serialization import load_state_file
+
+    run_dir = run_training(flow_config(tmp_path, "d3po", {"window": [1, 3], "on_policy_tolerance": 1e-6}, model="tiny",
+                                       online={"num_inference_steps": 4}))
+    first = metrics(run_dir)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["on_policy_ratio_error"] <= 1e-6
+    stored = load_state_file(rounds.round_dir(run_dir, 0) / "trajectories-p0.safetensors")
+    assert stored["sampler"] == "ddim" and stored["noise_level"] == 1.0 and stored["steps"].tolist() == [1, 2]
