@@ -486,10 +486,12 @@ def make_sampler(name: str, process, scheduler, noise_level: float | None = None
     spec = SamplerSpec(name, level, tuple(window) if window is not None else None)
     if not is_flow:
         return DDIMSampler(spec, scheduler, prediction_type)
-    dynamic_mu = None
-    if process.dynamic is not None:
-        def dynamic_mu(latent_shape):
-            return process.dynamic.mu(math.prod(latent_shape[1:]) // process.latent_tokens)
+    if process.dynamic is None:
+        return FlowSampler(spec, scheduler)
+
+    def dynamic_mu(latent_shape) -> float:  # FLUX: mu of the image token count (latent positions per token)
+        return process.dynamic.mu(math.prod(latent_shape[1:]) // process.latent_tokens)
+
     return FlowSampler(spec, scheduler, dynamic_mu)
 
 
