@@ -304,10 +304,11 @@ def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward, captions
 
 
 def pixel_embedding(frames: torch.Tensor) -> torch.Tensor:
-    """Frames (N, 3, H, W) in [0, 1] -> their centred pixels (N, 3HW): the offline embedding of the
-    quickstart's temporal consistency (no CLIP weights here); cosine 1 = identical frames."""
-    flat = frames.flatten(1).float()
-    return flat - flat.mean(dim=1, keepdim=True)
+    """The offline embedding of the quickstart's temporal consistency (no CLIP weights here):
+    ``diffpo.eval.video.pixel_embedding``, centred pixels; cosine 1 = identical frames."""
+    from diffpo.eval.video import pixel_embedding as centred_pixels
+
+    return centred_pixels(frames)
 
 
 def _write_report(config: QuickstartConfig, run_dir: Path, before, after, prompts, seeds, r_before, r_after,

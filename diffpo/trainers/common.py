@@ -349,6 +349,10 @@ def check_frames(data, stack) -> None:
     if not stack.is_video and data.num_frames is not None:
         raise ConfigError(f"data.num_frames={data.num_frames} reads video clips, but {stack.source} is an image model "
                           f"({stack.family.pipeline_class_name}): set data.num_frames=null or use a video model")
+    try:  # the family's own limits (Wan: 4k+1 frames, sides a multiple of VAE factor x patch)
+        stack.check_clip(data.num_frames, data.resolution or stack.native_resolution)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def reference_dtype(config, weight_dtype):
