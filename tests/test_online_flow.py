@@ -109,3 +109,18 @@ def test_d3po_on_a_unet_trains_only_the_ddim_window(tmp_path):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["on_policy_ratio_error"] <= 1e-6
     stored = load_state_file(rounds.round_dir(run_dir, 0) / "trajectories-p0.safetensors")
     assert stored["sampler"] == "ddim" and stored["noise_level"] == 1.0 and stored["steps"].tolist() == [1, 2]
+
+
+def test_seppo_samples_wan_clips_with_the_flow_sde(tmp_path, tiny_wan_dir):
+    """A video flow model (tiny Wan2.1): the pool reference samples 5-D (B, C, F, h, w) latents with flow_sde."""
+    from diffpo.data.moving_shapes import sample_moving_shapes
+    from diffpo.data.writer import write_pairs_parquet
+
+    clips = sample_moving_shapes(8, size=32, frames=5, seed=3)
+    pairs = [{"image_0": clips[2 * i][0], "image_1": clips[2 * i + 1][0], "label_0": float(i % 2), "caption": clips[2 * i][1]}
+             for i in range(4)]
+    data = str(write_pairs_parquet(tmp_path / "pairs.parquet", pairs))
+    config = flow_config(tmp_path, "seppo", model=tiny_wan_dir, max_steps=1, online={"num_inference_steps": 2},
+                         data={"source": data, "resolution": 32, "num_frames": 5})
+    first = metrics(run_training(config))[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
