@@ -53,6 +53,8 @@ RANGES: dict[str, dict[str, str]] = {
                      "eta": "[0, 1]", "guidance_scale": ">= 0", "min_margin": ">= 0", "pool_every": ">= 1",
                      "replay_size": ">= 1", "replay_batch_size": ">= 1", "replay_every": ">= 1",
                      "lagged_sync_every": ">= 1"},
+    "SamplerConfig": {"noise_level": ">= 0; null: ddim uses online.eta, flow samplers their official default",
+                      "on_policy_tolerance": ">= 0; null: log the on-policy ratio error only"},
     "OptimConfig": {"lr": ">= 0; the optimizer's step size (1e-5 to 1e-3 is usual)", "weight_decay": "[0, 1]",
                     "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_epsilon": "> 0",
                     "max_grad_norm": "> 0; null turns clipping off", "warmup_steps": ">= 0"},
