@@ -176,9 +176,14 @@ class ObjectiveConfig:
     gamma: float = 10.0  # SmPO: the official scale on the soft-label logit
     score_low: float = 0.11543526500463486  # SmPO: min-max normalisation of data.score_columns (official PickScore)
     score_high: float = 0.28201571106910706
-    inversion_steps: int = 5  # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10)
+    # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10); 0: no inversion, x_t from
+    # the forward process with the pair's shared noise (SmPO's smoothed labels alone, an ablation)
+    inversion_steps: int = 5
     # SmPO: per_sample lands x~ on each training timestep; shared is the official code's one coarse grid
     inversion_grid: Literal["per_sample", "shared"] = "per_sample"
+    # SmPO: which model inverts x_0 (policy: the official code, a target that moves with training;
+    # reference: a fixed trajectory, docs/methods.md "SmPO's fragility")
+    inversion_model: Literal["policy", "reference"] = "policy"
     margin: float = 0.001  # Diffusion-DRO: the hinge margin m
 
     def __post_init__(self):
@@ -200,6 +205,28 @@ class ObjectiveConfig:
     def reference_free(self) -> bool:
         """True when the objective never reads reference errors: no reference is built or run."""
         return self.name in REFERENCE_FREE_OBJECTIVES
+
+
+@dataclass
+class SamplerConfig:
+    """The online sampler (``diffpo.kernel.samplers``): a name and its parameters. It must fit the
+    model's noise process: ``ddim`` on DDPM models; ``flow_sde`` (Flow-GRPO), ``dance_sde``
+    (DanceGRPO), ``cps`` (coefficients-preserving) or ``ode`` (Euler, no log-probabilities) on
+    flow models; ``auto`` picks ddim / flow_sde."""
+
+    name: Literal["auto", "ddim", "flow_sde", "dance_sde", "cps", "ode"] = "auto"
+    noise_level: float | None = None  # ddim: eta (null: online.eta); flow_sde: a (0.7); dance_sde: eta (0.3); cps: eta (0.8)
+    window: list[int] | None = None  # [start, end): only these steps are stochastic and recorded, the rest ODE (null: all)
+    on_policy_tolerance: float | None = None  # D3PO: stop when re-scoring a round with the sampling weights gives max |ratio - 1| above this (null: log it only)
+
+    def __post_init__(self):
+        if self.window is not None:
+            if len(self.window) != 2 or not 0 <= self.window[0] < self.window[1]:
+                raise ConfigError(f"online.sampler.window={self.window} must be [start, end) step indices with "
+                                  "0 <= start < end (or null for every step)")
+        if self.name == "cps" and self.noise_level is not None and self.noise_level > 1:
+            raise ConfigError(f"online.sampler.noise_level={self.noise_level}: cps takes eta in (0, 1] "
+                              "(s = sigma_next sin(eta pi / 2))")
 
 
 @dataclass
@@ -231,6 +258,10 @@ class OnlineConfig:
     replay_every: int = 1  # DRO: micro-steps between refills
     lagged_sync_every: int = 1  # DRO: optimizer steps between copies of the policy into the lagged sampler
     jitter_timesteps: bool = True  # DRO: each trajectory's solver grid shifted by its own offset
+    # DRO: the negative's stored target when the lagged copy samples with guidance: its conditional
+    # prediction (what the policy is trained to output), or the guided one that stepped the solver
+    negative_target: Literal["conditional", "guided"] = "conditional"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # D3PO / SePPO sampler (DRO on flow models: its ODE steps)
 
     def __post_init__(self):
         for name in ("prompts_per_round", "inner_epochs", "num_inference_steps", "pool_every", "replay_size",
