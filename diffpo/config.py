@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -180,6 +181,8 @@ class ObjectiveConfig:
     # SmPO: per_sample lands x~ on each training timestep; shared is the official code's one coarse grid
     inversion_grid: Literal["per_sample", "shared"] = "per_sample"
     margin: float = 0.001  # Diffusion-DRO: the hinge margin m
+    kl_coef: float = 0.04  # GRPO / DDPO / NFT: weight of the KL to the base model (Flow-GRPO: 0.04; 0: no reference forward)
+    nft_beta: float = 1.0  # DiffusionNFT: the trust region b of v+ = (1 - b) v_old + b v_theta (official: 1.0 or 0.1)
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -195,6 +198,10 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.clip_range={self.clip_range} must lie in (0, 1)")
         if self.margin < 0:
             raise ConfigError(f"objective.margin={self.margin} must be >= 0")
+        if self.kl_coef < 0:
+            raise ConfigError(f"objective.kl_coef={self.kl_coef} must be >= 0 (0: no KL term)")
+        if self.nft_beta <= 0:
+            raise ConfigError(f"objective.nft_beta={self.nft_beta} must be > 0")
 
     @property
     def reference_free(self) -> bool:
@@ -231,6 +238,20 @@ class OnlineConfig:
     replay_every: int = 1  # DRO: micro-steps between refills
     lagged_sync_every: int = 1  # DRO: optimizer steps between copies of the policy into the lagged sampler
     jitter_timesteps: bool = True  # DRO: each trajectory's solver grid shifted by its own offset
+    # GRPO / DDPO / NFT (diffpo/trainers/grpo.py): samples_per_prompt is the group size G
+    reward_weights: list[float] | None = None  # per online.rewards entry (None: 1 each); A = sum_k w_k * groupnorm(r_k)
+    gold_rewards: list[str] = field(default_factory=list)  # held-out rewards: scored and logged every round, never trained on
+    hacking_patience: int = 0  # stop after this many rounds in a row of gold falling while the trained reward rises (0: only log)
+    hacking_tolerance: float = 0.0  # how far (in gold units) the gold mean may fall below its best before a round counts
+    # group std, the round's global std, or DDPO's per-prompt tracker (null: per_prompt for method=ddpo, else group)
+    advantage: Literal["group", "global_std", "per_prompt"] | None = None
+    stat_buffer_size: int = 32  # advantage=per_prompt: rewards kept per prompt
+    stat_min_count: int = 16  # advantage=per_prompt: fewer kept rewards use the round's mean and std
+    adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip] (NFT: r = clip(A) / (2 adv_clip) + 1/2)
+    train_timesteps: Literal["random", "window"] = "random"  # random: timestep_fraction of the steps per sample; window: MixGRPO's sliding window
+    window_size: int = 4  # train_timesteps=window: consecutive denoising steps trained per round
+    window_stride: int = 1  # train_timesteps=window: the window moves this many steps per round (wrapping around)
+    ratio_tolerance: float = 1e-3  # on-policy check: the run stops when max |ratio - 1| before the round's first update exceeds it (0: off)
 
     def __post_init__(self):
         for name in ("prompts_per_round", "inner_epochs", "num_inference_steps", "pool_every", "replay_size",
@@ -239,6 +260,18 @@ class OnlineConfig:
                 raise ConfigError(f"online.{name}={getattr(self, name)} must be >= 1")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"online.samples_per_prompt={self.samples_per_prompt} must be >= 2 to form pairs")
+        for name in ("window_size", "window_stride", "stat_buffer_size", "stat_min_count"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"online.{name}={getattr(self, name)} must be >= 1")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"online.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} "
+                              "online.rewards: give one weight per reward (or null: 1 each)")
+        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
+            raise ConfigError(f"online.reward_weights={self.reward_weights} must be finite numbers")
+        overlap = sorted(set(self.rewards) & set(self.gold_rewards))
+        if overlap:
+            raise ConfigError(f"online.gold_rewards holds {overlap[0]!r}, which online.rewards trains on: a gold reward "
+                              "is one the run never trains on")
         if self.replay_batch_size is not None and self.replay_batch_size < 1:
             raise ConfigError(f"online.replay_batch_size={self.replay_batch_size} must be >= 1 (or null)")
         if not 0.0 < self.timestep_fraction <= 1.0:
@@ -250,7 +283,7 @@ class OnlineConfig:
         if self.preference == "reward":
             from diffpo.rewards import REWARDS
 
-            for name in self.rewards:
+            for name in [*self.rewards, *self.gold_rewards]:
                 if name not in REWARDS:
                     raise ConfigError(f"online.rewards: reward {name!r} is unknown{_suggest(name, REWARDS)}")
 
