@@ -428,7 +428,7 @@ def _train(config: TrainConfig) -> Path:
     window: dict[str, float] = {}
     window_count = 0
     while state["global_step"] < config.max_steps:
-        if current is None or state["round_step"] >= current.steps:
+        while current is None or state["round_step"] >= current.steps:  # (a resume at a round's end moves on)
             if current is not None:
                 state["round"], state["round_step"] = state["round"] + 1, 0
             if not (round_files.round_dir(run_dir, state["round"]) / round_files.MANIFEST).is_file():
