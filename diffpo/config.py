@@ -210,6 +210,28 @@ class ObjectiveConfig:
 
 
 @dataclass
+class SamplerConfig:
+    """The online sampler (``diffpo.kernel.samplers``): a name and its parameters. It must fit the
+    model's noise process: ``ddim`` on DDPM models; ``flow_sde`` (Flow-GRPO), ``dance_sde``
+    (DanceGRPO), ``cps`` (coefficients-preserving) or ``ode`` (Euler, no log-probabilities) on
+    flow models; ``auto`` picks ddim / flow_sde."""
+
+    name: Literal["auto", "ddim", "flow_sde", "dance_sde", "cps", "ode"] = "auto"
+    noise_level: float | None = None  # ddim: eta (null: online.eta); flow_sde: a (0.7); dance_sde: eta (0.3); cps: eta (0.8)
+    window: list[int] | None = None  # [start, end): only these steps are stochastic and recorded, the rest ODE (null: all)
+    on_policy_tolerance: float | None = None  # D3PO: stop when re-scoring a round with the sampling weights gives max |ratio - 1| above this (null: log it only)
+
+    def __post_init__(self):
+        if self.window is not None:
+            if len(self.window) != 2 or not 0 <= self.window[0] < self.window[1]:
+                raise ConfigError(f"online.sampler.window={self.window} must be [start, end) step indices with "
+                                  "0 <= start < end (or null for every step)")
+        if self.name == "cps" and self.noise_level is not None and self.noise_level > 1:
+            raise ConfigError(f"online.sampler.noise_level={self.noise_level}: cps takes eta in (0, 1] "
+                              "(s = sigma_next sin(eta pi / 2))")
+
+
+@dataclass
 class OnlineConfig:
     """Sampling while training (D3PO, SePPO, Diffusion-DRO): prompts, the sampler, where preferences
     come from, SePPO's checkpoint pool and Diffusion-DRO's replay buffer and lagged copy."""
@@ -238,6 +260,7 @@ class OnlineConfig:
     replay_every: int = 1  # DRO: micro-steps between refills
     lagged_sync_every: int = 1  # DRO: optimizer steps between copies of the policy into the lagged sampler
     jitter_timesteps: bool = True  # DRO: each trajectory's solver grid shifted by its own offset
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # D3PO / SePPO sampler (DRO on flow models: its ODE steps)
     # GRPO / DDPO / NFT (diffpo/trainers/grpo.py): samples_per_prompt is the group size G
     reward_weights: list[float] | None = None  # per online.rewards entry (None: 1 each); A = sum_k w_k * groupnorm(r_k)
     gold_rewards: list[str] = field(default_factory=list)  # held-out rewards: scored and logged every round, never trained on

@@ -57,6 +57,8 @@ RANGES: dict[str, dict[str, str]] = {
                      "hacking_patience": ">= 0; 0 only logs", "hacking_tolerance": ">= 0", "stat_buffer_size": ">= 1",
                      "stat_min_count": ">= 1", "adv_clip": "> 0", "window_size": ">= 1", "window_stride": ">= 1",
                      "ratio_tolerance": ">= 0; 0 turns the on-policy check off"},
+    "SamplerConfig": {"noise_level": ">= 0; null: ddim uses online.eta, flow samplers their official default",
+                      "on_policy_tolerance": ">= 0; null: log the on-policy ratio error only"},
     "OptimConfig": {"lr": ">= 0; the optimizer's step size (1e-5 to 1e-3 is usual)", "weight_decay": "[0, 1]",
                     "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_epsilon": "> 0",
                     "max_grad_norm": "> 0; null turns clipping off", "warmup_steps": ">= 0"},

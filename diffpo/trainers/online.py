@@ -84,7 +84,6 @@ class Round:
 
 def _train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
-    from diffusers import DDIMScheduler
 
     from diffpo.data import rounds as round_files
     from diffpo.data.pairs import build_pairs
@@ -94,7 +93,15 @@ def _train(config: TrainConfig) -> Path:
     from diffpo.data.replay import ReplayBuffer
     from diffpo.kernel.denoising import batch_errors, noise_pairs, pair_errors
     from diffpo.kernel.noise_process import DDPMProcess
-    from diffpo.kernel.trajectory import rescore_transitions, sample_dpm_solver, sample_trajectory, solver_timesteps
+    from diffpo.kernel.samplers import (
+        SampledTrajectory,
+        SamplerMismatch,
+        check_on_policy,
+        jittered_flow_sigmas,
+        make_sampler,
+        max_ratio_error,
+    )
+    from diffpo.kernel.trajectory import sample_dpm_solver, solver_timesteps
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.pool import load_pool, save_pool_entry
     from diffpo.models.reference import (
@@ -111,8 +118,6 @@ def _train(config: TrainConfig) -> Path:
 
     online, is_d3po, is_dro = config.online, config.method == "d3po", config.method == "dro"
     human = is_d3po and online.preference == "human"
-    if is_d3po and online.eta <= 0:
-        raise ConfigError("method=d3po needs online.eta > 0: a deterministic DDIM step has no log-probability")
     if config.cache.enabled:
         raise ConfigError(f"method={config.method} samples while training and reads no latent cache: set cache.enabled=false")
 
@@ -127,10 +132,31 @@ def _train(config: TrainConfig) -> Path:
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
     check_free_space(run_dir, sum(p.numel() for p in params) * 4, config)
     process = stack.noise_process
-    if not isinstance(process, DDPMProcess):  # the samplers below step along DDPM alphas (DDIM, DPM-Solver)
-        raise ConfigError(f"method={config.method} samples with DDIM / DPM-Solver along DDPM alphas; "
-                          f"{stack.family.pipeline_class_name} is a flow-matching model: train it offline "
-                          "(method=diffusion_dpo or sft on preference pairs)")
+    is_flow = not isinstance(process, DDPMProcess)
+    # the sampler fits the model's noise process: DDIM (eta = online.eta) on DDPM models, a flow SDE / ODE on flow models
+    sampler_config = online.sampler
+    if is_flow and online.eta != 1.0:
+        raise ConfigError(f"online.eta={online.eta} is DDIM's eta; {stack.family.pipeline_class_name} is a flow model: set "
+                          "online.sampler.noise_level instead (and leave online.eta at 1.0)")
+    name = sampler_config.name
+    if is_dro and not is_flow and (name != "auto" or sampler_config.noise_level is not None or sampler_config.window):
+        raise ConfigError("method=dro samples DPM-Solver++ trajectories on DDPM models: leave online.sampler at its "
+                          "defaults (it chooses the sampler on flow models only)")
+    if is_dro and is_flow and name == "auto":  # DRO's lagged copy samples deterministically (DPM-Solver on DDPM models)
+        name = "ode"
+    noise_level = sampler_config.noise_level
+    if noise_level is None and not is_flow:
+        noise_level = online.eta
+    try:
+        sampler = make_sampler(name, process, stack.family.sampling_scheduler(stack.noise_scheduler), noise_level,
+                               sampler_config.window, stack.prediction_type)
+    except SamplerMismatch as error:
+        raise ConfigError(f"online.sampler.name={sampler_config.name}: {error} "
+                          f"({stack.family.pipeline_class_name} is {'a flow-matching' if is_flow else 'a DDPM'} model)") from None
+    if is_d3po and not sampler.stochastic:
+        raise ConfigError(f"method=d3po needs a stochastic sampler with a log-probability per step; {sampler.spec.describe()} "
+                          "has none: on DDPM models set online.eta > 0, on flow models online.sampler.name=flow_sde, "
+                          "dance_sde or cps with noise_level > 0")
     if stack.is_video and config.method != "seppo":
         raise ConfigError(f"method={config.method} does not train video models yet (SePPO does): use method=seppo, or "
                           "method=diffusion_dpo / sft on video preference pairs")
@@ -152,7 +178,6 @@ def _train(config: TrainConfig) -> Path:
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    sampler_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)
     resolution = stack.native_resolution
     check_memory(config, stack, config.data.resolution or resolution, accelerator.device, weight_dtype.itemsize)
     latent_shape = (stack.latent_channels, resolution // stack.vae_scale_factor, resolution // stack.vae_scale_factor)
@@ -173,10 +198,10 @@ def _train(config: TrainConfig) -> Path:
             rewards = {name: load_reward(name, **online.reward_options.get(name, {})) for name in online.rewards}
     else:
         winners = build_pairs(config.data, config.data.resolution or resolution, config.seed, winners_only=True)
-        sampler = EpochSampler(len(winners), config.seed)
+        epochs = EpochSampler(len(winners), config.seed)
         # DRO: a loader batch is one refill of the replay buffer
         batch_size = (online.replay_batch_size or config.train_batch_size) if is_dro else config.train_batch_size
-        loader = torch.utils.data.DataLoader(winners, batch_size=batch_size, sampler=sampler,
+        loader = torch.utils.data.DataLoader(winners, batch_size=batch_size, sampler=epochs,
                                              **loader_options(config, accelerator))
         if len(loader) == 0:
             raise ValueError(f"{len(winners)} images do not fill one batch of {batch_size}: use more images or a "
@@ -223,11 +248,10 @@ def _train(config: TrainConfig) -> Path:
         return conditioning(TextEmbeddings(empty_text.hidden.expand(n, -1, -1),
                                            None if empty_text.pooled is None else empty_text.pooled.expand(n, -1)))
 
-    def sample(denoise, text: TextEmbeddings, x_T: torch.Tensor, generator: torch.Generator):
+    def sample(denoise, text: TextEmbeddings, x_T: torch.Tensor, generator: torch.Generator) -> SampledTrajectory:
         with torch.no_grad(), accelerator.autocast():
-            return sample_trajectory(denoise, sampler_scheduler, x_T.to(accelerator.device, weight_dtype),
-                                     conditioning(text), unconditional(x_T.shape[0]), online.guidance_scale,
-                                     online.num_inference_steps, online.eta, generator, stack.prediction_type)
+            return sampler.sample(denoise, x_T.to(accelerator.device, weight_dtype), conditioning(text),
+                                  unconditional(x_T.shape[0]), online.guidance_scale, online.num_inference_steps, generator)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:  # images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1]
         return stack.decode_latents(latents)
@@ -246,13 +270,20 @@ def _train(config: TrainConfig) -> Path:
         x_T = torch.randn((len(prompts), *latent_shape), generator=generator).repeat_interleave(k, 0)
         text = stack.encode_prompts(prompts).select(torch.arange(len(prompts)).repeat_interleave(k))
         trajectory = sample(sampling_policy, text, x_T, generator)
+        if trajectory.steps.numel() == 0:
+            raise ConfigError(f"{sampler.spec.describe()} recorded no step of {online.num_inference_steps}: widen "
+                              "online.sampler.window")
         images = decode(trajectory.final)
         folder = round_files.round_dir(run_dir, index)
         suffix = f"-p{accelerator.process_index}"
         (folder / "images").mkdir(parents=True, exist_ok=True)
-        save_state_file({"latents": trajectory.latents.cpu(), "timesteps": trajectory.timesteps, "eta": trajectory.eta,
-                         "prev_timesteps": trajectory.prev_timesteps, "log_probs": trajectory.log_probs.cpu(),
-                         "prompts": prompts}, folder / f"trajectories{suffix}.safetensors")
+        if sampler_config.on_policy_tolerance is not None:  # re-scoring with the sampling weights must give ratio 1
+            with torch.no_grad(), accelerator.autocast():
+                error = max_ratio_error(sampler, sampling_policy, trajectory, conditioning(text),
+                                        unconditional(len(text.hidden)), online.guidance_scale)
+            check_on_policy(error, sampler_config.on_policy_tolerance, trajectory.spec, weight_dtype)
+            (folder / f"on_policy{suffix}.json").write_text(json.dumps({"max_ratio_error": error}))
+        save_state_file({**trajectory.state_dict(), "prompts": prompts}, folder / f"trajectories{suffix}.safetensors")
         if online.reference == "previous_round":  # the model that sampled this round is its reference
             from safetensors.torch import save_file
 
@@ -275,8 +306,6 @@ def _train(config: TrainConfig) -> Path:
 
     def load_round(index: int) -> Round | None:
         """Round ``index`` from disk with its preferences; None while human labels are missing."""
-        from diffpo.kernel.trajectory import Trajectory
-
         folder = round_files.round_dir(run_dir, index)
         suffix = f"-p{accelerator.process_index}"
         stored = load_state_file(folder / f"trajectories{suffix}.safetensors")
@@ -296,8 +325,10 @@ def _train(config: TrainConfig) -> Path:
         pairs = [(g * k + w, g * k + lo) for g, w, lo, tie in prefs if not tie]
         ties = sum(tie for *_, tie in prefs)
         stats["tie_fraction"] = ties / max(len(prefs), 1)
-        trajectory = Trajectory(stored["latents"].to(accelerator.device), stored["timesteps"], stored["prev_timesteps"],
-                                stored["log_probs"], float(stored["eta"]))
+        trajectory = SampledTrajectory.from_state_dict(stored, accelerator.device)
+        on_policy = folder / f"on_policy{suffix}.json"
+        if on_policy.is_file():
+            stats["on_policy_ratio_error"] = json.loads(on_policy.read_text())["max_ratio_error"]
         prompts = stored["prompts"]
         text = stack.encode_prompts(prompts).select(torch.arange(len(prompts)).repeat_interleave(k))
         groups = sorted({w // k for w, _ in pairs})
@@ -327,18 +358,18 @@ def _train(config: TrainConfig) -> Path:
         slot = {int(sample): i for i, sample in enumerate(samples)}  # a sample's row in the batch
         chosen = [(slot[w], slot[lo]) for w, lo in current.pairs if w // k in groups]
         winners, losers = torch.tensor([w for w, _ in chosen]), torch.tensor([lo for _, lo in chosen])
-        num_steps = current.trajectory.timesteps.shape[0]
+        recorded = current.trajectory.steps  # the stochastic steps (all of them without a window)
+        num_steps = recorded.shape[0]
         trained = max(1, round(num_steps * online.timestep_fraction))
         perms = torch.stack([torch.randperm(num_steps, generator=generator)[:trained] for _ in groups])
         cond, uncond = conditioning(current.text.select(samples)), unconditional(len(samples))
         totals: dict[str, float] = {}
         for i in range(trained):
-            steps = perms[:, i].repeat_interleave(k)
-            args = (sampler_scheduler, current.trajectory, steps, samples, cond, uncond, online.guidance_scale,
-                    stack.prediction_type)
+            steps = recorded[perms[:, i]].repeat_interleave(k)
+            args = (current.trajectory, steps, samples, cond, uncond, online.guidance_scale)
             with torch.no_grad(), accelerator.autocast():
-                logp_ref = rescore_transitions(reference, *args)
-            logp_policy = rescore_transitions(policy, *args)
+                logp_ref = sampler.rescore(reference, *args)
+            logp_policy = sampler.rescore(policy, *args)
             loss, metrics = d3po_step_loss(logp_policy[winners], logp_ref[winners], logp_policy[losers], logp_ref[losers],
                                            beta=config.objective.beta, clip=config.objective.clip_range)
             loss = loss.mean()
@@ -379,7 +410,7 @@ def _train(config: TrainConfig) -> Path:
         """Batches of preferred images (SePPO) or experts (DRO), epoch after epoch, from the batch the run is at."""
         while True:
             epoch, skip = divmod(state["expert_batches"], len(loader))
-            sampler.start_epoch(epoch)
+            epochs.start_epoch(epoch)
             winners.start_epoch(epoch)
             for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 state["expert_batches"] += 1
@@ -396,6 +427,15 @@ def _train(config: TrainConfig) -> Path:
         drop = torch.rand(n, generator=generator) < config.data.prompt_dropout
         text = stack.encode_prompts(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
         x_T = torch.randn(experts.shape, generator=generator).to(accelerator.device, weight_dtype)
+        if is_flow:  # the flow sampler (ode by default) on per-sample jittered sigma grids, recording its outputs
+            sigmas = jittered_flow_sigmas(process, online.num_inference_steps, n, experts.shape[1:], online.jitter_timesteps,
+                                          generator)
+            with torch.no_grad(), accelerator.autocast():
+                flow = sampler.sample(lagged, x_T, conditioning(text), unconditional(n), online.guidance_scale,
+                                      record_outputs=True, schedule=sampler.per_sample_schedule(sigmas))
+            replay.add(timesteps=flow.timesteps.T, latents=flow.latents[:-1].to(weight_dtype).transpose(0, 1),
+                       predictions=flow.outputs.transpose(0, 1), expert=experts, hidden=text.hidden, pooled=text.pooled)
+            return
         grid = solver_timesteps(stack.noise_scheduler.config.num_train_timesteps, online.num_inference_steps, n,
                                 online.jitter_timesteps, generator)
         with torch.no_grad(), accelerator.autocast():
