@@ -271,10 +271,8 @@ class OnlineConfig:
     stat_buffer_size: int = 32  # advantage=per_prompt: rewards kept per prompt
     stat_min_count: int = 16  # advantage=per_prompt: fewer kept rewards use the round's mean and std
     adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip] (NFT: r = clip(A) / (2 adv_clip) + 1/2)
-    train_timesteps: Literal["random", "window"] = "random"  # random: timestep_fraction of the steps per sample; window: MixGRPO's sliding window
-    window_size: int = 4  # train_timesteps=window: consecutive denoising steps trained per round
-    window_stride: int = 1  # train_timesteps=window: the window moves this many steps per round (wrapping around)
-    ratio_tolerance: float = 1e-3  # on-policy check: the run stops when max |ratio - 1| before the round's first update exceeds it (0: off)
+    window_size: int | None = None  # MixGRPO: only this many consecutive steps are stochastic (and trained), the rest ODE (null: off)
+    window_stride: int = 1  # window_size: the window moves this many steps per round (wrapping around)
 
     def __post_init__(self):
         for name in ("prompts_per_round", "inner_epochs", "num_inference_steps", "pool_every", "replay_size",
@@ -283,7 +281,9 @@ class OnlineConfig:
                 raise ConfigError(f"online.{name}={getattr(self, name)} must be >= 1")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"online.samples_per_prompt={self.samples_per_prompt} must be >= 2 to form pairs")
-        for name in ("window_size", "window_stride", "stat_buffer_size", "stat_min_count"):
+        if self.window_size is not None and self.window_size < 1:
+            raise ConfigError(f"online.window_size={self.window_size} must be >= 1 (or null: every step stochastic)")
+        for name in ("window_stride", "stat_buffer_size", "stat_min_count"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"online.{name}={getattr(self, name)} must be >= 1")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):

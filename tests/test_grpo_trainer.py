@@ -69,8 +69,10 @@ def test_grpo_first_round_is_on_policy_and_logs_every_reward(tmp_path):
 
 
 def test_the_on_policy_check_stops_with_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match=r"on-policy check failed in round 0.*mixed_precision=no.*eta=1.0"):
-        run_training(rl_config(tmp_path, "grpo", max_steps=1, online__ratio_tolerance=1e-12))
+    from diffpo.kernel.samplers import OffPolicyError
+
+    with pytest.raises(OffPolicyError, match=r"on-policy ratio check failed.*float32 and sampler ddim \(noise_level=1"):
+        run_training(rl_config(tmp_path, "grpo", max_steps=1, online__sampler={"on_policy_tolerance": 1e-12}))
 
 
 def test_nft_first_step_at_the_old_policy(tmp_path):
@@ -124,8 +126,7 @@ def test_reward_hacking_is_caught_on_the_bundled_model(tmp_path):
     reward rises while the gold colour-match falls, and the guard stops the run."""
     run_dir = run_training(rl_config(tmp_path, "grpo", max_steps=40, objective__clip_range=0.5, objective__kl_coef=0.0,
                                      optim__lr=3e-2, online__rewards=["jpeg-incompressibility"],
-                                     online__hacking_patience=1, online__hacking_tolerance=0.05,
-                                     online__ratio_tolerance=0.0))
+                                     online__hacking_patience=1, online__hacking_tolerance=0.05))
     stopped = json.loads((run_dir / "stopped.json").read_text())
     assert "reward hacking" in stopped["reason"]
     last = metrics(run_dir)[-1]
@@ -140,7 +141,7 @@ def test_rl_config_errors_are_one_line(tmp_path):
         rl_config(tmp_path, "grpo", online__gold_rewards=["jpeg-compressibility"])
     with pytest.raises(ConfigError, match="one weight per reward"):
         rl_config(tmp_path, "grpo", online__reward_weights=[1.0, 2.0])
-    with pytest.raises(ConfigError, match="online.eta > 0"):
+    with pytest.raises(ConfigError, match="needs a stochastic sampler"):
         run_training(rl_config(tmp_path, "grpo", online__eta=0.0))
     with pytest.raises(ConfigError, match="exceeds the 8 samples"):
         run_training(rl_config(tmp_path, "nft", train_batch_size=16))

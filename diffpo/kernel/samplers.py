@@ -319,6 +319,12 @@ class Sampler:
         """Log-probabilities (N,) fp32 of N stored transitions, transition n being step ``steps[n]`` of
         trajectory sample ``samples[n]``, under ``denoise`` (one batched forward; with grad if enabled).
         ``cond``/``uncond`` hold one row per transition."""
+        return self.rescore_step(denoise, trajectory, steps, samples, cond, uncond, guidance).log_prob
+
+    def rescore_step(self, denoise: Denoiser, trajectory: SampledTrajectory, steps: torch.Tensor, samples: torch.Tensor,
+                     cond: dict, uncond: dict | None = None, guidance: float = 1.0) -> StepOutput:
+        """``rescore`` with the whole ``StepOutput``: the log-probabilities and the Gaussian's mean and
+        std under ``denoise`` (GRPO's KL to a reference compares two such means at the same std)."""
         _check_spec(self.spec, trajectory.spec)
         steps, samples = steps.cpu(), samples.cpu()
         _rows_of(trajectory.steps, steps)  # only recorded (stochastic) steps have a log-probability
@@ -328,7 +334,7 @@ class Sampler:
         t = _at(schedule.timesteps, steps, samples).to(sample.device)
         model_dtype = trajectory.model_dtype or sample.dtype
         output = guided(denoise, self.model_input(sample, model_dtype), t, cond, uncond, guidance)
-        return self.step(schedule, steps, samples, sample, output, prev_sample=prev_sample).log_prob
+        return self.step(schedule, steps, samples, sample, output, prev_sample=prev_sample)
 
 
 def _check_window(window, num_steps: int) -> None:

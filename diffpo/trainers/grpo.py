@@ -80,17 +80,19 @@ def gather_groups(accelerator, local: torch.Tensor) -> torch.Tensor:
     return gathered.view(n, *local.shape).permute(1, 0, 2).reshape(local.shape[0], -1)
 
 
-def trained_steps(num_steps: int, count: int, config, round_index: int, generator: torch.Generator) -> torch.Tensor:
-    """Which denoising steps each of ``count`` samples trains this micro-step: (steps per sample, count).
-    random: a fresh subset of ``timestep_fraction`` of the steps per sample, in shuffled order;
-    window: ``window_size`` consecutive steps, the window moving ``window_stride`` per round."""
-    online = config.online
-    if online.train_timesteps == "window":
-        size = min(online.window_size, num_steps)
-        start = (round_index * online.window_stride) % (num_steps - size + 1)
-        return torch.arange(start, start + size)[:, None].expand(size, count)
-    trained = max(1, round(num_steps * online.timestep_fraction))
-    return torch.stack([torch.randperm(num_steps, generator=generator)[:trained] for _ in range(count)], dim=1)
+def sliding_window(num_steps: int, size: int, stride: int, round_index: int) -> tuple[int, int]:
+    """MixGRPO's window of round ``round_index``: ``size`` consecutive steps starting ``stride`` steps
+    later every round, wrapping around to step 0 after the last position."""
+    size = min(size, num_steps)
+    start = (round_index * stride) % (num_steps - size + 1)
+    return start, start + size
+
+
+def trained_steps(recorded: torch.Tensor, count: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Which of the ``recorded`` (stochastic) steps each of ``count`` samples trains this micro-step:
+    (steps per sample, count), a fresh random subset of ``fraction`` of them per sample, in shuffled order."""
+    trained = max(1, round(len(recorded) * fraction))
+    return torch.stack([recorded[torch.randperm(len(recorded), generator=generator)[:trained]] for _ in range(count)], dim=1)
 
 
 @dataclass
@@ -100,7 +102,8 @@ class Round:
 
     index: int
     prompts: list[str]  # per local sample
-    trajectory: object  # diffpo.kernel.trajectory.Trajectory (final latents only are used by NFT)
+    trajectory: object  # diffpo.kernel.samplers.SampledTrajectory (NFT: None, it trains on ``final``)
+    final: torch.Tensor  # the clean samples (local samples, ...)
     text: TextEmbeddings  # per local sample
     advantages: torch.Tensor  # (local samples,)
     stats: dict
@@ -110,21 +113,12 @@ class Round:
 
 def _train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
-    from diffusers import DDIMScheduler
 
     from diffpo.data import rounds as round_files
     from diffpo.eval.config import PromptSetConfig
     from diffpo.eval.prompts import load_prompts
     from diffpo.kernel.noise_process import DDPMProcess
-    from diffpo.kernel.trajectory import (
-        Trajectory,
-        ddim_mean,
-        epsilon_from_prediction,
-        gaussian_logprob,
-        guided,
-        sample_trajectory,
-        step_coefficients,
-    )
+    from diffpo.kernel.samplers import SampledTrajectory, SamplerMismatch, check_on_policy, make_sampler
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.reference import (
         AdaptersDisabledReference,
@@ -144,9 +138,6 @@ def _train(config: TrainConfig) -> Path:
         raise ConfigError(f"method={config.method} samples while training and reads no latent cache: set cache.enabled=false")
     if online.preference != "reward":
         raise ConfigError(f"method={config.method} learns from reward heads: set online.preference=reward")
-    if not is_nft and online.eta <= 0:
-        raise ConfigError(f"method={config.method} needs online.eta > 0: a deterministic DDIM step has no log-probability "
-                          "(method=nft trains on any sampler, eta 0 included)")
 
     # ---- set-up -------------------------------------------------------------------------------
     accelerator = make_accelerator(config, 1)  # accumulation by hand: GRPO backpropagates once per denoising step
@@ -160,9 +151,28 @@ def _train(config: TrainConfig) -> Path:
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
     check_free_space(run_dir, sum(p.numel() for p in params) * 4, config)
     process = stack.noise_process
-    if not isinstance(process, DDPMProcess):
-        raise ConfigError(f"method={config.method} samples with DDIM along DDPM alphas; {stack.family.pipeline_class_name} "
-                          "is a flow-matching model, whose SDE sampler is not in this version")
+    is_flow = not isinstance(process, DDPMProcess)
+    # the sampler layer: DDIM (eta = online.eta) on DDPM models, flow_sde / dance_sde / cps / ode on flow models
+    sampler_config = online.sampler
+    if is_flow and online.eta != 1.0:
+        raise ConfigError(f"online.eta={online.eta} is DDIM's eta; {stack.family.pipeline_class_name} is a flow model: set "
+                          "online.sampler.noise_level instead (and leave online.eta at 1.0)")
+    if online.window_size is not None and sampler_config.window is not None:
+        raise ConfigError("online.window_size slides a window over the steps every round and online.sampler.window fixes "
+                          "one: set one of them")
+    noise_level = sampler_config.noise_level
+    if noise_level is None and not is_flow:
+        noise_level = online.eta
+    try:
+        sampler = make_sampler(sampler_config.name, process, stack.family.sampling_scheduler(stack.noise_scheduler),
+                               noise_level, sampler_config.window, stack.prediction_type)
+    except SamplerMismatch as error:
+        raise ConfigError(f"online.sampler.name={sampler_config.name}: {error} "
+                          f"({stack.family.pipeline_class_name} is {'a flow-matching' if is_flow else 'a DDPM'} model)") from None
+    if not is_nft and not sampler.stochastic:
+        raise ConfigError(f"method={config.method} needs a stochastic sampler with a log-probability per step; "
+                          f"{sampler.spec.describe()} has none: on DDPM models set online.eta > 0, on flow models "
+                          "online.sampler.name=flow_sde, dance_sde or cps with noise_level > 0 (method=nft trains on any sampler)")
     if stack.is_video:
         raise ConfigError(f"method={config.method} trains image models; {stack.source} is a video model")
     lora = config.finetune == "lora"
@@ -179,7 +189,6 @@ def _train(config: TrainConfig) -> Path:
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    sampler_scheduler = DDIMScheduler.from_config(stack.noise_scheduler.config)
     resolution = stack.native_resolution
     check_memory(config, stack, config.data.resolution or resolution, accelerator.device, weight_dtype.itemsize)
     latent_shape = (stack.latent_channels, resolution // stack.vae_scale_factor, resolution // stack.vae_scale_factor)
@@ -230,15 +239,8 @@ def _train(config: TrainConfig) -> Path:
             accelerator.backward(loss)
 
     def rescore(denoise, trajectory, steps: torch.Tensor, samples: torch.Tensor, cond: dict, uncond: dict | None):
-        """(log-prob (N,), step mean, step std) of N stored DDIM transitions under ``denoise`` (fp32 log-probs)."""
-        sample = trajectory.latents[steps, samples]
-        prev_sample = trajectory.latents[steps + 1, samples]
-        t = trajectory.timesteps[steps].to(sample.device)
-        coef = step_coefficients(sampler_scheduler, t, trajectory.prev_timesteps[steps], trajectory.eta, sample.ndim)
-        output = guided(denoise, sample, t, cond, uncond, online.guidance_scale)
-        eps = epsilon_from_prediction(output, sample, coef.alpha_t.to(sample), stack.prediction_type)
-        mean = ddim_mean(coef, sample.float(), eps.float())
-        return gaussian_logprob(prev_sample, mean, coef.sigma.to(sample.device)), mean, coef.sigma.to(sample.device)
+        """``StepOutput`` (fp32 log-prob (N,), the step's mean and std) of N stored transitions under ``denoise``."""
+        return sampler.rescore_step(denoise, trajectory, steps, samples, cond, uncond, online.guidance_scale)
 
     # ---- rounds -------------------------------------------------------------------------------
     local_g = online.samples_per_prompt // n_proc
@@ -254,10 +256,15 @@ def _train(config: TrainConfig) -> Path:
         x_T = torch.randn((n, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
         local_prompts = [p for p in prompts for _ in range(local_g)]
         text = stack.encode_prompts(prompts).select(torch.arange(len(prompts)).repeat_interleave(local_g))
+        window = "config"  # the sampler's own (online.sampler.window), or MixGRPO's window of this round
+        if online.window_size is not None:
+            window = sliding_window(online.num_inference_steps, online.window_size, online.window_stride, index)
         with torch.no_grad(), accelerator.autocast():
-            trajectory = sample_trajectory(sampling_policy, sampler_scheduler, x_T, conditioning(text), unconditional(n),
-                                           online.guidance_scale, online.num_inference_steps, online.eta, generator,
-                                           stack.prediction_type)
+            trajectory = sampler.sample(sampling_policy, x_T, conditioning(text), unconditional(n), online.guidance_scale,
+                                        online.num_inference_steps, generator, window=window)
+        if not is_nft and trajectory.steps.numel() == 0:
+            raise ConfigError(f"{sampler.spec.describe()} recorded no step of {online.num_inference_steps}: widen "
+                              "online.sampler.window")
         images = stack.decode_latents(trajectory.final)
         scores = rewards.score(images, local_prompts)
         tables = {name: gather_groups(accelerator, s.view(len(prompts), local_g)) for name, s in scores.items()}
@@ -266,8 +273,7 @@ def _train(config: TrainConfig) -> Path:
         (folder / "images").mkdir(parents=True, exist_ok=True)
         stored = {"final": trajectory.final.cpu().clone(), "prompts": local_prompts}
         if not is_nft:  # NFT trains on the clean samples alone
-            stored.update(latents=trajectory.latents.cpu(), timesteps=trajectory.timesteps, eta=trajectory.eta,
-                          prev_timesteps=trajectory.prev_timesteps, log_probs=trajectory.log_probs.cpu())
+            stored.update(trajectory.state_dict())
         save_state_file(stored, folder / f"samples{suffix}.safetensors")
         if is_nft and accelerator.is_main_process:  # v_old of this round: the policy that sampled it
             from safetensors.torch import save_file
@@ -328,11 +334,9 @@ def _train(config: TrainConfig) -> Path:
             from safetensors.torch import load_file
 
             old.load(load_file(str(folder / "old_policy.safetensors")), snapshot_id=("round", index))
-            trajectory = Trajectory(stored["final"][None].to(accelerator.device), torch.zeros(0), torch.zeros(0),
-                                    torch.zeros(0), 0.0)
+            trajectory = None
         else:
-            trajectory = Trajectory(stored["latents"].to(accelerator.device), stored["timesteps"],
-                                    stored["prev_timesteps"], stored["log_probs"], float(stored["eta"]))
+            trajectory = SampledTrajectory.from_state_dict(stored, accelerator.device)
         prompts = stored["prompts"]
         text = stack.encode_prompts(prompts)
         count = len(prompts)
@@ -341,7 +345,8 @@ def _train(config: TrainConfig) -> Path:
                               f"each process (online.prompts_per_round x samples_per_prompt / processes)")
         batches_per_epoch = count // config.train_batch_size
         steps = max(1, batches_per_epoch * online.inner_epochs // config.gradient_accumulation_steps)
-        return Round(index, prompts, trajectory, text, advantages, stats, steps, batches_per_epoch)
+        return Round(index, prompts, trajectory, stored["final"].to(accelerator.device), text, advantages, stats, steps,
+                     batches_per_epoch)
 
     def batch_of(current: Round, micro_in_round: int) -> torch.Tensor:
         epoch, position = divmod(micro_in_round, current.batches_per_epoch)
@@ -353,21 +358,21 @@ def _train(config: TrainConfig) -> Path:
     # ---- GRPO / DDPO micro-step -----------------------------------------------------------------
     def grpo_micro_step(current: Round, micro_in_round: int, generator, scale: float, sync: bool, on_policy: bool) -> dict:
         samples = batch_of(current, micro_in_round)
-        steps = trained_steps(current.trajectory.timesteps.shape[0], len(samples), config, current.index, generator)
+        steps = trained_steps(current.trajectory.steps, len(samples), online.timestep_fraction, generator)
         text = current.text.select(samples)
         cond, uncond = conditioning(text), unconditional(len(samples))
-        old_log_probs = current.trajectory.log_probs.to(accelerator.device)
         totals: dict[str, float] = {}
         deviation = 0.0
         for i in range(steps.shape[0]):
             with accelerator.autocast():
-                log_prob, mean, std = rescore(policy, current.trajectory, steps[i], samples, cond, uncond)
+                step = rescore(policy, current.trajectory, steps[i], samples, cond, uncond)
+            log_prob = step.log_prob
             kl = None
             if base is not None:
                 with torch.no_grad(), accelerator.autocast():
-                    _, ref_mean, _ = rescore(base, current.trajectory, steps[i], samples, cond, uncond)
-                kl = gaussian_mean_kl(mean, ref_mean, std)
-            old_log_prob = old_log_probs[steps[i], samples]
+                    ref_mean = rescore(base, current.trajectory, steps[i], samples, cond, uncond).mean
+                kl = gaussian_mean_kl(step.mean, ref_mean, step.std)
+            old_log_prob = current.trajectory.recorded_log_probs(steps[i], samples).to(log_prob.device)
             if on_policy:
                 deviation = max(deviation, float((torch.exp(log_prob.detach() - old_log_prob) - 1).abs().max()))
             loss, metrics = grpo_step_loss(log_prob, old_log_prob, current.advantages[samples], objective.clip_range,
@@ -376,21 +381,16 @@ def _train(config: TrainConfig) -> Path:
             backward(loss * scale / steps.shape[0], sync and i == steps.shape[0] - 1)
             for key, value in {"loss": loss.detach(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) / steps.shape[0]
-        if on_policy:
+        if on_policy:  # the round's first update: re-scoring with the sampling weights must give ratio 1
             totals["ratio_deviation"] = deviation
-            if online.ratio_tolerance and deviation > online.ratio_tolerance:
-                raise RuntimeError(
-                    f"on-policy check failed in round {current.index}: re-scoring the sampled transitions with the "
-                    f"sampling weights gives a ratio {1 + deviation:.6g} (|ratio - 1| = {deviation:.3g} > "
-                    f"online.ratio_tolerance={online.ratio_tolerance}); mixed_precision={config.mixed_precision}, "
-                    f"sampler DDIM eta={online.eta}, {online.num_inference_steps} steps, guidance "
-                    f"{online.guidance_scale}. Train in fp32 (mixed_precision=no) or raise online.ratio_tolerance")
+            if sampler_config.on_policy_tolerance is not None:
+                check_on_policy(deviation, sampler_config.on_policy_tolerance, current.trajectory.spec, weight_dtype)
         return totals
 
     # ---- DiffusionNFT micro-step ---------------------------------------------------------------
     def nft_micro_step(current: Round, micro_in_round: int, generator, scale: float, sync: bool) -> dict:
         samples = batch_of(current, micro_in_round)
-        x0 = current.trajectory.final[samples].to(weight_dtype)
+        x0 = current.final[samples].to(weight_dtype)
         cond = conditioning(current.text.select(samples))
         r = optimality_probability(current.advantages[samples], online.adv_clip)
         draws = max(1, round(online.num_inference_steps * online.timestep_fraction))
