@@ -425,13 +425,17 @@ def _train(config: TrainConfig) -> Path:
     progress = tqdm(total=config.max_steps, initial=state["global_step"], desc=f"train {config.method}",
                     disable=not (accelerator.is_main_process and config.progress_bar))
     current = None
+    resumed_round = state["round"] if state["global_step"] else -1
     window: dict[str, float] = {}
     window_count = 0
     while state["global_step"] < config.max_steps:
         while current is None or state["round_step"] >= current.steps:  # (a resume at a round's end moves on)
             if current is not None:
                 state["round"], state["round_step"] = state["round"] + 1, 0
-            if not (round_files.round_dir(run_dir, state["round"]) / round_files.MANIFEST).is_file():
+            # only the round a checkpoint was saved in is read back: any other is sampled by this run (a
+            # resume at a round's end samples the next one again, as the interrupted run did, bit for bit)
+            if state["round"] != resumed_round or not (round_files.round_dir(run_dir, state["round"]) /
+                                                       round_files.MANIFEST).is_file():
                 progress.set_postfix_str(f"sampling round {state['round']}")
                 sample_round(state["round"])
             current = load_round(state["round"])
