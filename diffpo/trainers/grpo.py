@@ -33,7 +33,7 @@ each micro-step draws its randomness from its own generator (``step_generator``)
 from __future__ import annotations
 
 import json
-import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +129,7 @@ def _train(config: TrainConfig) -> Path:
     )
     from diffpo.objectives.grpo import PerPromptStatTracker, gaussian_mean_kl, grpo_step_loss
     from diffpo.objectives.nft import nft_loss, optimality_probability
-    from diffpo.rewards.combine import HackingGuard, RewardSet, combine, group_normalise, reward_stats
+    from diffpo.rewards.combine import HackingGuard, RewardSet, combine, reward_stats
 
     online, objective = config.online, config.objective
     is_nft = config.method == "nft"
@@ -259,6 +259,7 @@ def _train(config: TrainConfig) -> Path:
         window = "config"  # the sampler's own (online.sampler.window), or MixGRPO's window of this round
         if online.window_size is not None:
             window = sliding_window(online.num_inference_steps, online.window_size, online.window_stride, index)
+        started = time.perf_counter()
         with torch.no_grad(), accelerator.autocast():
             trajectory = sampler.sample(sampling_policy, x_T, conditioning(text), unconditional(n), online.guidance_scale,
                                         online.num_inference_steps, generator, window=window)
@@ -266,7 +267,9 @@ def _train(config: TrainConfig) -> Path:
             raise ConfigError(f"{sampler.spec.describe()} recorded no step of {online.num_inference_steps}: widen "
                               "online.sampler.window")
         images = stack.decode_latents(trajectory.final)
+        sampled = time.perf_counter()
         scores = rewards.score(images, local_prompts)
+        scored = time.perf_counter()
         tables = {name: gather_groups(accelerator, s.view(len(prompts), local_g)) for name, s in scores.items()}
         folder = round_files.round_dir(run_dir, index)
         suffix = f"-p{accelerator.process_index}"
@@ -287,6 +290,8 @@ def _train(config: TrainConfig) -> Path:
                 g, s = divmod(j, local_g)
                 name = f"images/g{g:04d}-s{accelerator.process_index * local_g + s}.png"
                 image.save(folder / name)
+        # this process's seconds: sampling (denoiser + VAE decode) and every reward head
+        (folder / f"timing{suffix}.json").write_text(json.dumps({"sampling_s": sampled - started, "reward_s": scored - sampled}))
         if accelerator.is_main_process:
             (folder / SCORES_FILE).write_text(json.dumps({k: v.tolist() for k, v in tables.items()}))
             g_all = online.samples_per_prompt
@@ -326,6 +331,9 @@ def _train(config: TrainConfig) -> Path:
         mine = slice(accelerator.process_index * local_g, (accelerator.process_index + 1) * local_g)
         advantages = full[:, mine].flatten().clamp(-online.adv_clip, online.adv_clip)
         stats = reward_stats(tables)
+        timing = folder / f"timing-p{accelerator.process_index}.json"
+        if timing.is_file():
+            stats.update({f"time/{k}": v for k, v in json.loads(timing.read_text()).items()})
         stats.update({"advantage_mean": float(full.mean()), "advantage_std": float(full.std(correction=0)),
                       "advantage_abs": float(full.abs().mean()),
                       "advantage_clipped": float((full.abs() > online.adv_clip).float().mean()),
@@ -450,6 +458,7 @@ def _train(config: TrainConfig) -> Path:
                     log.write(state["global_step"], {"loss": float("nan"), **current.stats, "hacking_stop": 1.0})
                     return stop_for_hacking(stop)
         metrics_sum: dict[str, float] = {}
+        step_started = time.perf_counter()
         accumulation = config.gradient_accumulation_steps
         on_policy = state["round_step"] == 0  # no update yet in this round: the policy is the sampler
         for micro in range(accumulation):
@@ -477,6 +486,7 @@ def _train(config: TrainConfig) -> Path:
         state.update(nonfinite.state())
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        metrics_sum["time/training_step_s"] = time.perf_counter() - step_started
         state["global_step"] += 1
         state["round_step"] += 1
         step = state["global_step"]
