@@ -58,7 +58,8 @@ def test_grpo_first_round_is_on_policy_and_logs_every_reward(tmp_path):
     # 2 prompts x 4 samples, batch 4: two steps per round
     assert (first["round"], second["round"], third["round"]) == (0.0, 0.0, 1.0)
     for key in ("reward/jpeg-compressibility", "reward/jpeg-compressibility_std", "reward/colour-match",
-                "reward/colour-match_std", "advantage_mean", "advantage_std", "clip_fraction", "gold_drop"):
+                "reward/colour-match_std", "advantage_mean", "advantage_std", "clip_fraction", "gold_drop",
+                "time/sampling_s", "time/reward_s", "time/training_step_s"):
         assert key in first, key
     assert abs(first["advantage_mean"]) < 1e-6 and first["advantage_std"] == pytest.approx(1.0, abs=0.01)
     assert second["kl"] > 0  # the policy moved in step 1
