@@ -177,9 +177,14 @@ class ObjectiveConfig:
     gamma: float = 10.0  # SmPO: the official scale on the soft-label logit
     score_low: float = 0.11543526500463486  # SmPO: min-max normalisation of data.score_columns (official PickScore)
     score_high: float = 0.28201571106910706
-    inversion_steps: int = 5  # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10)
+    # SmPO: ReNoise steps from x_0 to the training timestep (SD1.5: 5, SDXL: 10); 0: no inversion, x_t from
+    # the forward process with the pair's shared noise (SmPO's smoothed labels alone, an ablation)
+    inversion_steps: int = 5
     # SmPO: per_sample lands x~ on each training timestep; shared is the official code's one coarse grid
     inversion_grid: Literal["per_sample", "shared"] = "per_sample"
+    # SmPO: which model inverts x_0 (policy: the official code, a target that moves with training;
+    # reference: a fixed trajectory, docs/methods.md "SmPO's fragility")
+    inversion_model: Literal["policy", "reference"] = "policy"
     margin: float = 0.001  # Diffusion-DRO: the hinge margin m
     kl_coef: float = 0.04  # GRPO / DDPO / NFT: weight of the KL to the base model (Flow-GRPO: 0.04; 0: no reference forward)
     nft_beta: float = 1.0  # DiffusionNFT: the trust region b of v+ = (1 - b) v_old + b v_theta (official: 1.0 or 0.1)
@@ -260,6 +265,9 @@ class OnlineConfig:
     replay_every: int = 1  # DRO: micro-steps between refills
     lagged_sync_every: int = 1  # DRO: optimizer steps between copies of the policy into the lagged sampler
     jitter_timesteps: bool = True  # DRO: each trajectory's solver grid shifted by its own offset
+    # DRO: the negative's stored target when the lagged copy samples with guidance: its conditional
+    # prediction (what the policy is trained to output), or the guided one that stepped the solver
+    negative_target: Literal["conditional", "guided"] = "conditional"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # D3PO / SePPO sampler (DRO on flow models: its ODE steps)
     # GRPO / DDPO / NFT (diffpo/trainers/grpo.py): samples_per_prompt is the group size G
     reward_weights: list[float] | None = None  # per online.rewards entry (None: 1 each); A = sum_k w_k * groupnorm(r_k)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from diffpo.config import ConfigError, TrainConfig, save_config
 
@@ -48,7 +49,7 @@ class QuickstartConfig:
     winners: Literal["samples", "renders"] = "samples"  # winners-only methods (SePPO, DRO): the pairs' winners, or clean renders of the captions
     min_margin: float = 0.0  # pairs whose rewards differ by no more than this are ties (dropped)
     sample_steps: int = 20
-    sample_eta: float = 1.0
+    sample_eta: float = 1.0  # DDIM eta of the candidates; flow models: the flow SDE's noise level (Flow-GRPO's a)
     guidance_scale: float = 5.0
     eval_seeds_per_prompt: int = 2  # new seeds per evaluated caption for before/after
     eval_steps: int = 25
@@ -141,7 +142,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         parquet, sampled = _render_winners(config, train_captions, stack.native_resolution, frames)
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet), **video_data)}
     elif config.method != "d3po" and config.method not in ONLINE_RL:
-        parquet, sampled = _sample_pairs(config, pipe, shape, reward, train_captions, frames)
+        parquet, sampled = _sample_pairs(config, pipe, stack, shape, reward, train_captions, frames)
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet), **video_data)}
 
     # 3. train
@@ -283,8 +284,32 @@ def _render_winners(config: QuickstartConfig, captions: list[str], resolution: i
     return path, {"winners": len(renders)}
 
 
-def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward, captions: list[str], frames: int | None = None
-                  ) -> tuple[Path, dict]:
+def _sample_flow_sde(config: QuickstartConfig, stack, prompts: list[str], x_T: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] of a flow model from ``x_T`` through the flow SDE of Flow-GRPO (noise level
+    ``sample_eta``, classifier-free guidance as the evaluation): a flow pipeline's Euler sampler is
+    deterministic, so candidates that share x_T differ only through this step noise (as a UNet's
+    candidates do through DDIM eta)."""
+    from diffpo.kernel.samplers import make_sampler
+    from diffpo.models.families import TextEmbeddings
+
+    sampler = make_sampler("flow_sde", stack.noise_process, stack.family.sampling_scheduler(stack.noise_scheduler),
+                           config.sample_eta)
+    denoise, empty, images = stack.denoiser(stack.unet), stack.encode_prompts([""]), []
+    for start in tqdm(range(0, len(prompts), config.batch_size), desc="sample pairs"):
+        batch = prompts[start:start + config.batch_size]
+        n = len(batch)
+        uncond = TextEmbeddings(empty.hidden.expand(n, -1, -1), None if empty.pooled is None else empty.pooled.expand(n, -1))
+        generator = torch.Generator().manual_seed(config.seed * 100_000 + 50_000 + start)
+        with torch.no_grad():
+            trajectory = sampler.sample(denoise, x_T[start:start + n], stack.family.unet_conditioning(stack.encode_prompts(batch)),
+                                        stack.family.unet_conditioning(uncond), config.guidance_scale, config.sample_steps,
+                                        generator)
+            images.append(stack.decode_latents(trajectory.final))
+    return torch.cat(images)
+
+
+def _sample_pairs(config: QuickstartConfig, pipe, stack, shape: tuple, reward, captions: list[str],
+                  frames: int | None = None) -> tuple[Path, dict]:
     """Candidates for every training caption (sharing x_T unless ``share_initial_noise`` is off), paired
     (all pairs or best vs worst) and labelled by ``reward``, written as a Pick-a-Pic-format parquet
     (image_0 the higher-scored; videos as lists of PNG frames)."""
@@ -298,8 +323,11 @@ def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward, captions
     else:
         x_T = initial_latents([config.seed * 100_000 + 70_000 + i for i in range(len(prompts))], shape)
     eta_seeds = [config.seed * 100_000 + 50_000 + i for i in range(len(prompts))]
-    images = generate(pipe, prompts, eta_seeds, config.sample_steps, config.guidance_scale, eta=config.sample_eta,
-                      batch_size=config.batch_size, latents=x_T, progress=True, desc="sample pairs", num_frames=frames)
+    if stack.prediction_type == "flow" and config.sample_eta > 0:
+        images = _sample_flow_sde(config, stack, prompts, x_T)
+    else:
+        images = generate(pipe, prompts, eta_seeds, config.sample_steps, config.guidance_scale, eta=config.sample_eta,
+                          batch_size=config.batch_size, latents=x_T, progress=True, desc="sample pairs", num_frames=frames)
     scores = reward(images, prompts).view(len(captions), k)
     pil = to_pil(images)
     pairs = []
@@ -316,10 +344,11 @@ def _sample_pairs(config: QuickstartConfig, pipe, shape: tuple, reward, captions
 
 
 def pixel_embedding(frames: torch.Tensor) -> torch.Tensor:
-    """Frames (N, 3, H, W) in [0, 1] -> their centred pixels (N, 3HW): the offline embedding of the
-    quickstart's temporal consistency (no CLIP weights here); cosine 1 = identical frames."""
-    flat = frames.flatten(1).float()
-    return flat - flat.mean(dim=1, keepdim=True)
+    """The offline embedding of the quickstart's temporal consistency (no CLIP weights here):
+    ``diffpo.eval.video.pixel_embedding``, centred pixels; cosine 1 = identical frames."""
+    from diffpo.eval.video import pixel_embedding as centred_pixels
+
+    return centred_pixels(frames)
 
 
 def _write_report(config: QuickstartConfig, run_dir: Path, before, after, prompts, seeds, r_before, r_after,

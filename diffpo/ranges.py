@@ -47,7 +47,7 @@ RANGES: dict[str, dict[str, str]] = {
                         "madpo_weight_min": ">= 0; weights are never negative",
                         "madpo_weight_max": ">= 0; weights are never negative", "gamma_margin": ">= 0",
                         "clip_range": "(0, 1)", "gamma": "> 0", "score_low": "any", "score_high": "any",
-                        "inversion_steps": ">= 1", "margin": ">= 0", "kl_coef": ">= 0; 0 drops the KL term",
+                        "inversion_steps": ">= 0", "margin": ">= 0", "kl_coef": ">= 0; 0 drops the KL term",
                         "nft_beta": "> 0; the trust region of the implicit policies"},
     "OnlineConfig": {"max_prompts": ">= 1", "prompts_per_round": ">= 1", "samples_per_prompt": ">= 2; to form pairs",
                      "inner_epochs": ">= 1", "timestep_fraction": "(0, 1]", "num_inference_steps": ">= 1",

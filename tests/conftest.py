@@ -121,3 +121,16 @@ def tiny_animatediff_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-animatediff")
     AnimateDiffPipeline(**build_tiny_animatediff_components(seed=0)).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    """A randomly initialised tiny WanPipeline folder (Wan2.1 T2V layout: UMT5, WanTransformer3DModel,
+    causal 3-D AutoencoderKLWan, the hub's UniPC flow scheduler config)."""
+    from diffusers import WanPipeline
+
+    from diffpo.models.tiny import build_tiny_wan_components
+
+    path = tmp_path_factory.mktemp("tiny-wan")
+    WanPipeline(**build_tiny_wan_components(seed=0)).save_pretrained(path)
+    return str(path)

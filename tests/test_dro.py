@@ -73,6 +73,31 @@ def test_dpm_solver_matches_diffusers_multistep_scheduler(prediction_type):
     torch.testing.assert_close(ours.final, x, rtol=1e-4, atol=1e-4)
 
 
+def test_dpm_solver_records_the_conditional_or_the_guided_prediction():
+    """Guidance steps the solver in both modes (same latents); ``record`` picks what is stored."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) * 0.1
+
+    def denoise(x, t, cond):  # a toy eps model whose output depends on the text
+        return torch.einsum("ij,bjhw->bihw", weight, x) + cond["encoder_hidden_states"].view(-1, 1, 1, 1)
+
+    cond, uncond = {"encoder_hidden_states": torch.ones(2)}, {"encoder_hidden_states": torch.zeros(2)}
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    grid = solver_timesteps(1000, 4, 2, jitter=False)
+    conditional = sample_dpm_solver(denoise, scheduler, x_T, cond, grid, uncond, 4.0)
+    stepped = sample_dpm_solver(denoise, scheduler, x_T, cond, grid, uncond, 4.0, record="guided")
+    assert torch.equal(conditional.latents, stepped.latents) and torch.equal(conditional.final, stepped.final)
+    for i in range(4):
+        x, t = conditional.latents[i], grid[i]
+        c, u = denoise(x, t, cond), denoise(x, t, uncond)
+        torch.testing.assert_close(conditional.predictions[i], c)
+        torch.testing.assert_close(stepped.predictions[i], u + 4.0 * (c - u))
+    with pytest.raises(ValueError, match="record"):
+        sample_dpm_solver(denoise, scheduler, x_T, cond, grid, uncond, 4.0, record="both")
+
+
 def test_jittered_grids_shift_each_sample_by_its_own_offset():
     grid = solver_timesteps(1000, 20, 64, jitter=True, generator=torch.Generator().manual_seed(0))
     assert grid.shape == (20, 64)
@@ -154,10 +179,13 @@ def checkpoint_tensors(run_dir, step: int, name: str) -> dict:
     return load_file(str(run_dir / "checkpoints" / f"step-{step}" / f"{name}.safetensors"))
 
 
-def test_dro_first_loss_is_the_margin_and_negatives_are_the_lagged_predictions(tmp_path, shapes_parquet):
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_dro_first_loss_is_the_margin_and_negatives_are_the_lagged_predictions(tmp_path, shapes_parquet, guidance):
+    """With guidance the lagged copy steps on guided outputs but stores its *conditional* prediction
+    (what the policy is trained to output), so the first loss is still exactly the margin."""
     from diffpo.models.loading import load_stack, unet_denoiser
 
-    run_dir = run_training(dro_config(tmp_path, shapes_parquet, lagged_sync_every=2))
+    run_dir = run_training(dro_config(tmp_path, shapes_parquet, lagged_sync_every=2, guidance_scale=guidance))
     first = records(run_dir)[0]
     # policy == reference == lagged copy: expert and negative differences vanish, the loss is m
     assert first["loss"] == pytest.approx(MARGIN, rel=1e-6)

@@ -100,8 +100,8 @@ def test_sd3_denoiser_is_the_transformer_call(tiny_sd3_dir):
 def test_unsupported_pipeline_and_ddpm_settings_fail_in_one_line(tmp_path, tiny_sd3_dir, tiny_sd_dir):
     from diffpo.kernel.noise_process import FlowSampling
 
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    with pytest.raises(ValueError, match="pipeline class 'WanPipeline' is not supported for training yet") as error:
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    with pytest.raises(ValueError, match="pipeline class 'CogVideoXPipeline' is not supported for training yet") as error:
         load_stack(str(tmp_path))
     assert "\n" not in str(error.value) and "FluxPipeline" in str(error.value)
     with pytest.raises(ValueError, match="flow-matching model .* set model.prediction_type=null"):

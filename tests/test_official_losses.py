@@ -483,7 +483,8 @@ def test_dro_online_sampler_official_steps_every_sample_with_the_first_samples_n
 def test_dro_negatives_sampled_with_guidance_push_the_conditional_prediction_towards_the_unconditional():
     """Diagnosis of the colour-match drop (docs/methods.md): the buffer stores the lagged copy's
     *guided* prediction eps_u + g (eps_c - eps_u) as the negative's target, while the policy is trained
-    on its conditional prediction eps_c. At initialisation (policy = reference = lagged) the negative
+    on its conditional prediction eps_c (the behaviour before ``online.negative_target: conditional``
+    became the default; ``guided`` keeps it). At initialisation (policy = reference = lagged) the negative
     term's gradient step on the policy's prediction is then 2 (g - 1) / d * (eps_u - eps_c): straight
     towards the unconditional prediction, i.e. away from the caption. With the official g = 1 the
     negative target is eps_c itself and that term has no first-order gradient."""

@@ -23,6 +23,7 @@ from diffpo.kernel.samplers import (
     jittered_flow_sigmas,
     make_sampler,
     max_ratio_error,
+    random_window,
 )
 
 
@@ -237,6 +238,27 @@ def test_window_records_only_its_steps_and_the_rest_is_deterministic(name):
     assert sampler.sample(toy_denoiser(0.3), x_T, cond, uncond, 3.0, 6, window=(0, 1)).steps.tolist() == [0]
 
 
+def test_random_window_covers_its_range_and_fits():
+    gen = torch.Generator().manual_seed(0)
+    starts = {random_window(3, 1, 6, gen)[0] for _ in range(200)}
+    assert starts == {1, 2, 3} and random_window(2, 0, 2) == (0, 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        random_window(4, 0, 3)
+
+
+def test_rescore_step_gives_the_gaussian_of_flow_grpo_kl():
+    sampler = flow_sampler("flow_sde")
+    traj = sampler.sample(toy_denoiser(0.3), torch.randn(3, 4, 2, 2), COND, UNCOND, 2.0, 4)
+    steps, samples = torch.full((3,), 1), torch.arange(3)
+    policy = sampler.rescore_step(toy_denoiser(0.3), traj, steps, samples, COND, UNCOND, 2.0)
+    ref = sampler.rescore_step(toy_denoiser(0.4), traj, steps, samples, COND, UNCOND, 2.0)
+    torch.testing.assert_close(policy.log_prob, traj.log_probs[1], rtol=0, atol=0)
+    # the log-ratio of two Gaussians with one std at x' is linear in x': check it against the means
+    x_next = traj.latents[2].float()
+    direct = (((x_next - ref.mean) ** 2 - (x_next - policy.mean) ** 2) / (2 * policy.std**2)).flatten(1).mean(1)
+    torch.testing.assert_close(policy.log_prob - ref.log_prob, direct, rtol=1e-4, atol=1e-5)
+
+
 def test_cps_last_step_is_deterministic_and_not_recorded():
     traj = flow_sampler("cps").sample(toy_denoiser(0.3), torch.randn(3, 4, 2, 2), COND, UNCOND, 2.0, 5)
     assert traj.steps.tolist() == [0, 1, 2, 3]
@@ -255,7 +277,7 @@ def test_flow_schedule_is_the_schedulers_and_jitter_keeps_grids_decreasing():
     torch.testing.assert_close(flat[:, 0], torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     # a trajectory on per-sample grids re-scores to ratio 1 as well
     traj = sampler.sample(toy_denoiser(0.3), torch.randn(4, 16, 4, 4), {"encoder_hidden_states": torch.ones(4, 2, 4)},
-                          guidance=1.0, schedule=sampler.per_sample_schedule(sigmas), record_outputs=True)
+                          guidance=1.0, schedule=sampler.per_sample_schedule(sigmas), record_outputs="guided")
     assert traj.timesteps.shape == (6, 4) and traj.outputs.shape == (6, 4, 16, 4, 4)
     assert max_ratio_error(sampler, toy_denoiser(0.3), traj, {"encoder_hidden_states": torch.ones(4, 2, 4)}) <= 1e-6
 
@@ -300,3 +322,58 @@ def test_rescoring_with_another_sampler_and_the_on_policy_error_are_explicit():
         check_on_policy(0.02, 1e-3, traj.spec, torch.bfloat16)
     with pytest.raises(OffPolicyError):
         check_on_policy(float("nan"), 1e-3, traj.spec, torch.float32)
+
+
+# ---- the official step code, rewritten from its source, on the same tensors ---------------------------
+
+def _flow_grpo_sde_step(scheduler, model_output, timestep, sample, noise_level, prev_sample):
+    """yifan123/flow_grpo (ac4c86e) ``sd3_sde_with_logprob.sde_step_with_logprob``: sigmas looked up
+    from the scheduler by timestep, sigma_max = ``self.sigmas[1]``."""
+    step_index = [scheduler.index_for_timestep(t) for t in timestep]
+    sigma = scheduler.sigmas[step_index].view(-1, 1, 1, 1)
+    sigma_prev = scheduler.sigmas[[i + 1 for i in step_index]].view(-1, 1, 1, 1)
+    sigma_max = scheduler.sigmas[1].item()
+    dt = sigma_prev - sigma
+    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+    mean = sample * (1 + std_dev_t**2 / (2 * sigma) * dt) + model_output * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    std = std_dev_t * torch.sqrt(-1 * dt)
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def _dance_grpo_flux_step(model_output, latents, eta, sigmas, index, prev_sample):
+    """XueZeyue/DanceGRPO (15cc71d) ``train_grpo_flux.flux_step`` with grpo=True, sde_solver=True."""
+    sigma = sigmas[index]
+    dsigma = sigmas[index + 1] - sigma
+    mean = latents + dsigma * model_output
+    x0 = latents - sigma * model_output
+    std = eta * math.sqrt(sigma - sigmas[index + 1])
+    score = -(latents - x0 * (1 - sigma)) / sigma**2
+    mean = mean + (-0.5 * eta**2 * score) * dsigma
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - math.log(std) - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def test_flow_sde_equals_the_official_flow_grpo_step_at_every_step():
+    sampler = flow_sampler("flow_sde", noise_level=0.7)
+    traj = sampler.sample(toy_denoiser(0.3), torch.randn(3, 4, 3, 3), COND, UNCOND, 4.5, 10,
+                          torch.Generator().manual_seed(0), record_outputs="guided")
+    official = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    official.set_timesteps(10)
+    for i in range(10):  # the first step has sigma = 1 (sigma_max rule), the last sigma_next = 0
+        theirs = _flow_grpo_sde_step(official, traj.outputs[i], official.timesteps[i].repeat(3), traj.latents[i], 0.7,
+                                     traj.latents[i + 1])
+        torch.testing.assert_close(traj.log_probs[i], theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_dance_sde_equals_the_official_dance_grpo_step_on_its_schedule():
+    from diffpo.kernel.noise_process import static_shift
+
+    sigmas = static_shift(torch.linspace(1, 0, 6), 3.0)  # DanceGRPO's sigma_schedule: sd3_time_shift of linspace(1, 0)
+    sampler = flow_sampler("dance_sde", noise_level=0.3)
+    schedule = sampler.per_sample_schedule(sigmas[:, None].repeat(1, 3))
+    traj = sampler.sample(toy_denoiser(0.3), torch.randn(3, 4, 3, 3), COND, UNCOND, 3.5, schedule=schedule,
+                          generator=torch.Generator().manual_seed(0), record_outputs="guided")
+    for i in range(5):
+        theirs = _dance_grpo_flux_step(traj.outputs[i], traj.latents[i], 0.3, sigmas, i, traj.latents[i + 1])
+        torch.testing.assert_close(traj.log_probs[i], theirs, rtol=1e-5, atol=1e-5)

@@ -26,8 +26,10 @@ def test_smpo_loss_is_log2_at_initialisation_and_hand_computed_after():
     loss, _ = smpo_loss(e, e + 0.2, e, e + 0.2, p, beta=2000.0)
     torch.testing.assert_close(loss, torch.full((2,), math.log(2)))
     # dtheta - dref = (0.1 - 0.3) - (0.2 - 0.3) = -0.1, so logit = -1/2 * beta * gamma * (2p - 1) * -0.1 = 0.2
-    loss, _ = smpo_loss(torch.tensor([0.1]), torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([0.3]),
-                        torch.tensor([0.7]), beta=1.0, gamma=10.0)
+    loss, metrics = smpo_loss(torch.tensor([0.1]), torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([0.3]),
+                              torch.tensor([0.7]), beta=1.0, gamma=10.0)
+    # per-term differences against the reference: winner 0.1 - 0.2, loser 0.3 - 0.3
+    assert float(metrics["diff_w"]) == pytest.approx(-0.1) and float(metrics["diff_l"]) == 0.0
     logit = -0.5 * 1.0 * 10.0 * (2 * 0.7 - 1) * (-0.1)
     assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-logit))), rel=1e-5)
 
@@ -44,6 +46,37 @@ def test_equal_rewards_give_no_gradient():
 
 
 def test_smpo_first_step_is_log2_on_the_bundled_model(tmp_path):
+    first, second = _two_smpo_steps(tmp_path, "policy")
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at initialisation
+    assert 0.5 < first["soft_label"] < 1.0 and second["loss"] != first["loss"]
+
+
+def test_smpo_inverting_with_the_reference_differs_from_the_policy_only_after_an_update(tmp_path):
+    """Step 1: policy == reference, so both inversions give the same x~ and the same loss (log 2);
+    step 2: the policy has moved, so inverting with it lands elsewhere than the reference's fixed x~."""
+    policy = _two_smpo_steps(tmp_path / "policy", "policy")
+    reference = _two_smpo_steps(tmp_path / "reference", "reference")
+    assert reference[0]["loss"] == policy[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert reference[1]["loss"] != policy[1]["loss"]
+
+
+def test_smpo_without_inversion_is_diffusion_dpo_with_beta_scaled_by_the_soft_label():
+    """inversion_steps=0: x_t from the forward process with the pair's shared noise, so with one soft
+    label p for every pair SmPO trains exactly as Diffusion-DPO with beta' = beta gamma (2p - 1) (the
+    rewards agree with make_pairs' alternating labels: the labelled winner has the higher score)."""
+    import tempfile
+    from pathlib import Path
+
+    p = float(soft_labels(torch.tensor([0.25]), torch.tensor([0.18])))
+    with tempfile.TemporaryDirectory() as folder:
+        smpo = _two_smpo_steps(Path(folder) / "smpo", "policy", inversion_steps=0, rewards=lambda i: (0.25, 0.18) if i % 2 else (0.18, 0.25))
+        dpo = _two_smpo_steps(Path(folder) / "dpo", "policy", method="diffusion_dpo", beta=2000.0 * 10.0 * (2 * p - 1))
+    assert smpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert smpo[1]["loss"] == pytest.approx(dpo[1]["loss"], rel=1e-5) and smpo[1]["loss"] != smpo[0]["loss"]
+
+
+def _two_smpo_steps(tmp_path, inversion_model: str, inversion_steps: int = 3, method: str = "smpo",
+                    beta: float = 2000.0, rewards=lambda i: (0.2 + 0.01 * i, 0.18)) -> list[dict]:
     import json
 
     from conftest import make_pairs
@@ -53,16 +86,17 @@ def test_smpo_first_step_is_log2_on_the_bundled_model(tmp_path):
 
     pairs = make_pairs(4)
     for i, pair in enumerate(pairs):
-        pair["reward_0"], pair["reward_1"] = 0.2 + 0.01 * i, 0.18
+        pair["reward_0"], pair["reward_1"] = rewards(i)
     source = write_pairs_parquet(tmp_path / "pairs.parquet", pairs)
+    objective = {"beta": beta}
+    if method == "smpo":
+        objective.update(inversion_steps=inversion_steps, inversion_model=inversion_model)
     config = from_dict(TrainConfig, {
-        "method": "smpo", "output_dir": str(tmp_path / "run"), "max_steps": 2, "train_batch_size": 2,
-        "progress_bar": False, "model": {"pretrained": "tiny"}, "objective": {"beta": 2000.0, "inversion_steps": 3},
+        "method": method, "output_dir": str(tmp_path / "run"), "max_steps": 2, "train_batch_size": 2,
+        "progress_bar": False, "model": {"pretrained": "tiny"}, "objective": objective,
         "optim": {"lr": 1e-3}, "data": {"source": str(source), "score_columns": ["reward_0", "reward_1"]}})
     run_dir = run_training(config)
-    first, second = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at initialisation
-    assert 0.5 < first["soft_label"] < 1.0 and second["loss"] != first["loss"]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_smpo_without_scores_is_a_config_error(tmp_path, shapes_parquet):

@@ -130,6 +130,8 @@ class DiffusersBackend:
         self.sampling = sampling
         self.device = torch.device(device)
         self.resolution = sampling.resolution or stack.native_resolution
+        if stack.is_video:  # the family's limits (Wan: 4k+1 frames, sides a multiple of VAE factor x patch)
+            stack.check_clip(sampling.num_frames, self.resolution, "sampling")
         side = self.resolution // stack.vae_scale_factor
         self.num_frames = sampling.num_frames if stack.is_video else None  # video: (C, F, h, w) noise, (F, 3, H, W) clips
         self.latent_shape = family.pipeline_latent_shape(self.pipe, side, self.num_frames)

@@ -138,6 +138,14 @@ class ReportConfig:
     top_k: int = 5  # prompts with the largest gains and losses shown per model
     histogram_bins: int = 30
     consistency_reward: str | None = None  # videos: an open_clip head (clip/hps) embedding frames; default the first
+    # videos: what embeds frames for temporal consistency. auto: consistency_reward or the first open_clip head
+    # (none: no consistency); clip: that head, else a CLIP image encoder of its own (consistency_clip_arch /
+    # consistency_clip_path, the clip head's defaults when null); pixels: centred pixels (offline, no weights);
+    # none: no consistency
+    consistency_embedding: Literal["auto", "clip", "pixels", "none"] = "auto"
+    consistency_clip_arch: str | None = None  # open_clip architecture of the own CLIP encoder (null: ViT-H-14)
+    consistency_clip_path: str | None = None  # its weights: a file or an open_clip pretrained tag (null: laion2b)
+    per_frame_rewards: bool = True  # videos: image heads also score each frame position (scores.jsonl, a figure)
     gif_fps: int = 8
     thumbnail_size: int = 128  # displayed pixels per image (small images are upscaled, pixelated)
 
@@ -183,6 +191,9 @@ class EvalConfig:
         keys = [r.key for r in self.rewards]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"reward labels must be distinct, got {keys}: give repeated heads a label")
+        if self.report.consistency_embedding in ("pixels", "none") and self.report.consistency_reward is not None:
+            raise ConfigError(f"report.consistency_reward={self.report.consistency_reward!r} names a head to embed frames "
+                              f"with, but report.consistency_embedding={self.report.consistency_embedding}: drop one")
         for option in ("primary_reward", "consistency_reward"):
             value = getattr(self.report, option)
             if value is not None and value not in keys:

@@ -106,6 +106,25 @@ def bar_chart(results: dict, metrics: list[str], path: Path, confidence: float) 
     return path
 
 
+def per_frame_chart(per_frame: dict, models: list[str], path: Path) -> Path:
+    """Videos: each image head's mean score at every frame position, one line per model."""
+    figure = _figure(max(3.2 * len(per_frame), 4.0), 3.2)
+    for i, (head, by_model) in enumerate(per_frame.items()):
+        ax = figure.add_subplot(1, len(per_frame), i + 1)
+        for j, model in enumerate(models):
+            if model in by_model:
+                values = by_model[model]
+                ax.plot(range(len(values)), values, marker="o", markersize=3, color=COLOURS[j % len(COLOURS)], label=model)
+        ax.set_xlabel("frame", fontsize=8)
+        ax.set_title(head, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.suptitle("mean reward per frame position", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
 def histogram(rows: list[dict], models: list[str], metric: str, path: Path, bins: int) -> Path:
     """Score distribution of every model for one metric, on shared bins."""
     figure = _figure(5.0, 3.2)
@@ -414,6 +433,11 @@ def write_report(out_dir: str | Path, rows: list[dict], results: dict, options: 
         body.append(f"<h2 id='temporal'>Temporal consistency</h2><p class='note'>Mean cosine between embeddings of "
                     f"consecutive frames ({_esc(meta.get('consistency_reward', ''))} image encoder); 1 = identical frames."
                     f"</p><div class='figures'><img src='{rel(temporal_file)}' alt='temporal consistency'></div>")
+    if results.get("per_frame"):
+        frame_file = per_frame_chart(results["per_frame"], models, figures / "per_frame.png")
+        body.append("<h2 id='per-frame'>Reward per frame</h2><p class='note'>Each image head's mean score at every "
+                    "frame position (the tables above hold whole-clip scores: the mean over frames, or a video head's "
+                    f"clip score).</p><div class='figures'><img src='{rel(frame_file)}' alt='reward per frame'></div>")
     body.append(_category_tables(results, digits))
     body.append(f"<h2 id='grid'>Same prompts, same seeds, every model</h2>{_grid_html(rows, models, grid_prompts, media, options.thumbnail_size)}")
     if grid_file is not None:

@@ -16,7 +16,7 @@ from diffpo.eval.config import EvalConfig, EvalModelConfig, SamplingConfig, samp
 from diffpo.eval.generate import GenerationBackend, claim_sample_folder, generate_samples, plan_samples, write_manifest
 from diffpo.eval.prompts import load_prompts
 from diffpo.eval.report import ReportOptions, write_report
-from diffpo.eval.scoring import TEMPORAL, load_heads, score_samples
+from diffpo.eval.scoring import TEMPORAL, load_heads, per_frame_means, score_samples
 from diffpo.memory import check_generation_memory
 
 # (model entry, its sampling settings, device, dtype) -> a backend; default: diffusers text-to-image
@@ -79,9 +79,13 @@ def run_eval(config: EvalConfig, build_backend: BackendBuilder | None = None) ->
         generation[entry.name] = {"sampling": to_dict(sampling), **stats}
     write_manifest(samples, out / "manifest.jsonl")
 
-    rows = score_samples(samples, out, heads, config.sampling.batch_size, embed, config.progress_bar)
+    rows = score_samples(samples, out, heads, config.sampling.batch_size, embed, config.progress_bar,
+                         per_frame=config.report.per_frame_rewards)
     metrics = list(heads) + ([TEMPORAL] if any(TEMPORAL in r for r in rows) else [])
     results = compare(rows, [m.name for m in config.models], metrics, stats_options(config))
+    frames = per_frame_means(rows, [m.name for m in config.models], heads)
+    if frames:  # videos: the mean reward of each frame position (whole-clip scores are the metrics above)
+        results["per_frame"] = frames
     meta = build_meta(config, prompts, generation, consistency)
     report = write_report(out, rows, results, report_options(config, f"diffpo eval: {', '.join(results['models'])}"), meta)
     return {**results, "output_dir": str(out), "report": str(report), "counts": counts, "seconds": time.time() - started}
@@ -98,15 +102,26 @@ def sample_settings(config: EvalConfig, entry: EvalModelConfig, sampling: Sampli
 
 
 def _consistency_embedder(config: EvalConfig, heads: dict):
-    """(label, frame embedding) for temporal consistency: the named head, else the first one with
-    an open_clip image encoder, else (None, None): then videos get no consistency figure."""
-    from diffpo.eval.video import head_embedder
+    """(label, frame embedding) for temporal consistency, by ``report.consistency_embedding``: the
+    named head, else the first one with an open_clip image encoder (``auto``: else (None, None), and
+    videos get no consistency figure; ``clip``: else a CLIP image encoder of its own), centred pixels
+    (``pixels``), or nothing (``none``)."""
+    from diffpo.eval.video import clip_embedder, head_embedder, pixel_embedding
 
-    if config.report.consistency_reward is not None:
-        return config.report.consistency_reward, head_embedder(heads[config.report.consistency_reward])
+    report = config.report
+    if report.consistency_embedding == "none":
+        return None, None
+    if report.consistency_embedding == "pixels":
+        return "pixels (centred)", pixel_embedding
+    if report.consistency_reward is not None:
+        return report.consistency_reward, head_embedder(heads[report.consistency_reward])
     for label, head in heads.items():
         if hasattr(getattr(head, "encoder", None), "encode_images"):
             return label, head_embedder(head)
+    if report.consistency_embedding == "clip":
+        arch = report.consistency_clip_arch or "ViT-H-14"
+        return f"CLIP {arch}", clip_embedder(report.consistency_clip_arch, report.consistency_clip_path, config.device,
+                                             config.dtype)
     return None, None
 
 

@@ -29,10 +29,28 @@ from tqdm import tqdm
 from diffpo.data.images import decode_image
 from diffpo.eval.config import EvalConfig, RewardConfig
 from diffpo.eval.generate import Sample, load_sample
-from diffpo.eval.video import Embedder, temporal_consistency
+from diffpo.eval.video import Embedder, per_frame_scores, temporal_consistency
 
 
 TEMPORAL = "temporal_consistency"
+PER_FRAME = "@frames"  # a row's per-frame scores of a head: "<head>@frames"
+
+
+def per_frame_means(rows: list[dict], models: list[str], heads) -> dict:
+    """``{head: {model: [mean score at frame 0, 1, ...]}}`` over the rows that have per-frame scores
+    (NaN scores left out); heads without any are absent."""
+    import numpy as np
+
+    out = {}
+    for name in heads:
+        per_model = {}
+        for model in models:
+            lists = [r[name + PER_FRAME] for r in rows if r["model"] == model and name + PER_FRAME in r]
+            if lists and len({len(v) for v in lists}) == 1:
+                per_model[model] = [float(x) for x in np.nanmean(np.array(lists, dtype=float), axis=0)]
+        if per_model:
+            out[name] = per_model
+    return out
 
 
 def load_head(reward: RewardConfig, device: str = "cpu", dtype: str = "fp32"):
@@ -50,9 +68,12 @@ def load_heads(config: EvalConfig) -> dict:
 
 
 def score_samples(samples: list[Sample], root: Path, heads: dict, batch_size: int = 16,
-                  embed: Embedder | None = None, progress: bool = True, desc: str = "score") -> list[dict]:
+                  embed: Embedder | None = None, progress: bool = True, desc: str = "score",
+                  per_frame: bool = False) -> list[dict]:
     """One row per sample: its manifest fields plus a score per head (NaN where a head has none)
-    and, for videos with ``embed``, ``temporal_consistency``."""
+    and, for videos with ``embed``, ``temporal_consistency``. A video's score per head is its
+    whole-clip score; with ``per_frame``, image heads also give each frame's score, as the list
+    ``<head>@frames`` (whole-clip video heads, e.g. motion rewards, have none)."""
     rows = [dict(asdict(s)) for s in samples]
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = list(range(start, min(start + batch_size, len(samples))))
@@ -64,7 +85,13 @@ def score_samples(samples: list[Sample], root: Path, heads: dict, batch_size: in
             batch = torch.stack([pixels[j] for j in members])
             prompts = [samples[chunk[j]].prompt for j in members]
             for name, head in heads.items():
-                for j, value in zip(members, head(batch, prompts).tolist()):
+                if per_frame and batch.ndim == 5 and not head.scores_videos:
+                    frames, whole = per_frame_scores(head, batch, prompts)
+                    for j, values in zip(members, frames.tolist()):
+                        rows[chunk[j]][name + PER_FRAME] = [float(v) for v in values]
+                else:
+                    whole = head(batch, prompts)
+                for j, value in zip(members, whole.tolist()):
                     rows[chunk[j]][name] = float(value)
             if batch.ndim == 5 and embed is not None:
                 for j, value in zip(members, temporal_consistency(batch, embed).tolist()):

@@ -42,6 +42,30 @@ def head_embedder(head) -> Embedder:
     return embed
 
 
+def pixel_embedding(frames: torch.Tensor) -> torch.Tensor:
+    """Frames (N, 3, H, W) in [0, 1] -> their centred pixels (N, 3HW): an embedding needing no weights
+    (``report.consistency_embedding=pixels``); it measures pixel change, not content change."""
+    flat = frames.flatten(1).float()
+    return flat - flat.mean(dim=1, keepdim=True)
+
+
+def clip_embedder(arch: str | None = None, path: str | None = None, device: str = "cpu", dtype: str = "fp32") -> Embedder:
+    """The image embedding of a CLIP encoder of its own (the ``clip`` head's model: ``arch`` and
+    ``path`` as that head takes them), for videos whose rewards hold no open_clip head."""
+    from diffpo.rewards import load
+
+    return head_embedder(load("clip", path=path, arch=arch, device=device, dtype=dtype))
+
+
+def per_frame_scores(head, videos: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image head on every frame of (B, F, 3, H, W) videos: (per-frame scores (B, F), whole-clip
+    scores (B,)). The whole-clip score is the head's own video score, the mean over every
+    ``frame_stride``-th frame, here computed from the per-frame scores instead of a second pass."""
+    b, f = videos.shape[:2]
+    frames = head(videos.flatten(0, 1), [p for p in prompts for _ in range(f)]).view(b, f)
+    return frames, frames[:, :: head.frame_stride].mean(dim=1)
+
+
 def _frames_uint8(frames: torch.Tensor) -> list[np.ndarray]:
     return [(f.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for f in frames]
 

@@ -44,7 +44,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffpo.kernel.trajectory import Denoiser, ddim_mean, epsilon_from_prediction, gaussian_logprob, guided, step_coefficients
+from diffpo.kernel.trajectory import (
+    Denoiser,
+    ddim_mean,
+    epsilon_from_prediction,
+    gaussian_logprob,
+    guided,
+    guided_and_conditional,
+    step_coefficients,
+)
 
 SAMPLERS = ("ddim", "flow_sde", "dance_sde", "cps", "ode")
 DDPM_SAMPLERS = ("ddim",)
@@ -95,7 +103,8 @@ class SampledTrajectory:
     * ``sigmas`` (T+1,) or (T+1, B): flow samplers' noise levels (empty for DDIM);
     * ``steps`` (S,): the transitions that were stochastic and recorded, ascending;
       ``log_probs`` (S, B) fp32: their log-probabilities under the sampling model;
-    * ``outputs`` (T, B, ...) the (guided) model output at every step when asked for (else None);
+    * ``outputs`` (T, B, ...): the model output at every step when asked for (``record_outputs``:
+      "guided", the output that stepped the sampler, or "conditional", the conditional one; else None);
     * ``spec``: the sampler; ``model_dtype``: the dtype the model was given (re-scoring feeds the
       stored latents in the same one)."""
 
@@ -281,12 +290,15 @@ class Sampler:
     @torch.no_grad()
     def sample(self, denoise: Denoiser, latents: torch.Tensor, cond: dict, uncond: dict | None = None,
                guidance: float = 1.0, num_inference_steps: int = 20, generator: torch.Generator | None = None,
-               window: tuple[int, int] | None | str = "config", record_outputs: bool = False,
+               window: tuple[int, int] | None | str = "config", record_outputs: str | None = None,
                schedule: Schedule | None = None) -> SampledTrajectory:
         """Sample from x_T = ``latents`` (the model sees the dtype of ``latents``), recording the
         log-probability of every stochastic step. ``window``: "config" uses the sampler's own; a
         (start, end) pair or None overrides it for this call (Flow-GRPO-Fast draws one per batch).
-        ``schedule`` overrides the sampler's (per-sample grids, as Diffusion-DRO jitters them)."""
+        ``schedule`` overrides the sampler's (per-sample grids, as Diffusion-DRO jitters them);
+        ``record_outputs`` ("guided" / "conditional") keeps the model output of every step."""
+        if record_outputs not in (None, "guided", "conditional"):
+            raise ValueError(f"record_outputs={record_outputs!r} is unknown: use 'guided', 'conditional' or None")
         window = self.spec.window if isinstance(window, str) else (tuple(window) if window is not None else None)
         schedule = schedule or self.schedule(num_inference_steps, latents.shape[1:])
         num_steps = schedule.timesteps.shape[0]
@@ -298,13 +310,13 @@ class Sampler:
         for i in range(num_steps):
             steps = torch.full((b,), i, dtype=torch.long)
             t = _at(schedule.timesteps, steps, samples).to(latents.device)
-            output = guided(denoise, self.model_input(sample, model_dtype), t, cond, uncond, guidance)
+            output, conditional = guided_and_conditional(denoise, self.model_input(sample, model_dtype), t, cond, uncond, guidance)
             stochastic = self.is_recorded(i, num_steps, window)
             result = self.step(schedule, steps, samples, sample, output, generator=generator, stochastic=stochastic)
             sample = result.prev_sample
             history.append(sample)
             if record_outputs:
-                outputs.append(output)
+                outputs.append(output if record_outputs == "guided" else conditional)
             if stochastic and result.log_prob is not None:
                 recorded.append(i)
                 log_probs.append(result.log_prob)
@@ -323,8 +335,8 @@ class Sampler:
 
     def rescore_step(self, denoise: Denoiser, trajectory: SampledTrajectory, steps: torch.Tensor, samples: torch.Tensor,
                      cond: dict, uncond: dict | None = None, guidance: float = 1.0) -> StepOutput:
-        """``rescore`` with the whole ``StepOutput``: the log-probabilities and the Gaussian's mean and
-        std under ``denoise`` (GRPO's KL to a reference compares two such means at the same std)."""
+        """As ``rescore``, with the step's Gaussian: ``mean`` (N, ...) fp32 and ``std`` under ``denoise``
+        (Flow-GRPO's KL to the reference is ||mean_theta - mean_ref||^2 / (2 std^2), per element)."""
         _check_spec(self.spec, trajectory.spec)
         steps, samples = steps.cpu(), samples.cpu()
         _rows_of(trajectory.steps, steps)  # only recorded (stochastic) steps have a log-probability
@@ -474,11 +486,22 @@ def make_sampler(name: str, process, scheduler, noise_level: float | None = None
     spec = SamplerSpec(name, level, tuple(window) if window is not None else None)
     if not is_flow:
         return DDIMSampler(spec, scheduler, prediction_type)
-    dynamic_mu = None
-    if process.dynamic is not None:
-        def dynamic_mu(latent_shape):
-            return process.dynamic.mu(math.prod(latent_shape[1:]) // process.latent_tokens)
+    if process.dynamic is None:
+        return FlowSampler(spec, scheduler)
+
+    def dynamic_mu(latent_shape) -> float:  # FLUX: mu of the image token count (latent positions per token)
+        return process.dynamic.mu(math.prod(latent_shape[1:]) // process.latent_tokens)
+
     return FlowSampler(spec, scheduler, dynamic_mu)
+
+
+def random_window(size: int, low: int, high: int, generator: torch.Generator | None = None) -> tuple[int, int]:
+    """A window of ``size`` consecutive steps starting uniformly in [low, high - size] (Flow-GRPO-Fast's
+    ``sde_window_size`` within ``sde_window_range`` = (low, high)), for ``Sampler.sample(window=...)``."""
+    if size < 1 or high - low < size:
+        raise ValueError(f"a window of {size} steps does not fit in [{low}, {high})")
+    start = low + int(torch.randint(0, high - low - size + 1, (1,), generator=generator))
+    return start, start + size
 
 
 def jittered_flow_sigmas(process, num_steps: int, batch: int, latent_shape, jitter: bool = True,

@@ -88,11 +88,19 @@ def ddim_step(coef: StepCoefficients, sample: torch.Tensor, eps: torch.Tensor, p
 
 def guided(denoise: Denoiser, sample: torch.Tensor, t: torch.Tensor, cond: dict, uncond: dict | None, guidance: float) -> torch.Tensor:
     """The model output with classifier-free guidance: u + g (c - u), from one batched forward."""
+    return guided_and_conditional(denoise, sample, t, cond, uncond, guidance)[0]
+
+
+def guided_and_conditional(denoise: Denoiser, sample: torch.Tensor, t: torch.Tensor, cond: dict, uncond: dict | None,
+                           guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u + g (c - u), c): the guided output that steps the sampler and the conditional output c
+    that a model trained on the caption alone is compared with; one batched forward."""
     if uncond is None or guidance == 1.0:
-        return denoise(sample, t, cond)
+        out = denoise(sample, t, cond)
+        return out, out
     both = _cat_conditioning(uncond, cond)
     out_u, out_c = denoise(torch.cat([sample, sample]), torch.cat([t, t]), both).chunk(2)
-    return out_u + guidance * (out_c - out_u)
+    return out_u + guidance * (out_c - out_u), out_c
 
 
 def _cat_conditioning(a: dict, b: dict) -> dict:
@@ -184,8 +192,9 @@ def implied_logprob_ratio(eps_policy: torch.Tensor, eps_reference: torch.Tensor,
 
 @dataclass
 class SolverTrajectory:
-    """A DPM-Solver++ trajectory, per step: the latent the model saw (T, B, ...), its raw output
-    there (T, B, ...; guided when guidance is on) and the timestep (T, B); plus the final x_0."""
+    """A DPM-Solver++ trajectory, per step: the latent the model saw (T, B, ...), its output there
+    (T, B, ...; the conditional output, or the guided one that stepped the solver, as
+    ``sample_dpm_solver``'s ``record`` says) and the timestep (T, B); plus the final x_0."""
 
     latents: torch.Tensor
     predictions: torch.Tensor
@@ -206,14 +215,22 @@ def solver_timesteps(num_train_timesteps: int, num_steps: int, batch: int, jitte
 
 @torch.no_grad()
 def sample_dpm_solver(denoise: Denoiser, scheduler, latents: torch.Tensor, cond: dict, timesteps: torch.Tensor,
-                      uncond: dict | None = None, guidance: float = 1.0, prediction_type: str = "epsilon") -> SolverTrajectory:
+                      uncond: dict | None = None, guidance: float = 1.0, prediction_type: str = "epsilon",
+                      record: str = "conditional") -> SolverTrajectory:
     """Sample with DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, in diffusers' midpoint form) on per-sample
     grids ``timesteps`` (T, B), recording what the model saw and predicted at every step.
 
     With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda = log(alpha/sigma), h = lambda_t - lambda_s:
     x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D, with D = x0_s at the first step and
     D = x0_s + (x0_s - x0_prev) / (2 r), r = h_prev / h, after it; the last step goes to sigma = 0 at
-    first order, which returns its x0 prediction (as diffusers' ``final_sigmas_type="zero"``)."""
+    first order, which returns its x0 prediction (as diffusers' ``final_sigmas_type="zero"``).
+
+    ``record="conditional"`` stores the model's conditional output c at each step even when the
+    guided u + g (c - u) steps the solver; ``"guided"`` stores the guided one. Why it matters for
+    Diffusion-DRO, whose policy is trained on c: a stored guided target pulls c towards u by
+    (g - 1)(c - u) per step, away from the caption (docs/methods.md, Diffusion-DRO)."""
+    if record not in ("conditional", "guided"):
+        raise ValueError(f"record={record!r} is unknown: use 'conditional' or 'guided'")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {prediction_type!r} is not supported: use 'epsilon' or 'v_prediction'")
     alphas = scheduler.alphas_cumprod.to(torch.float64)
@@ -228,9 +245,9 @@ def sample_dpm_solver(denoise: Denoiser, scheduler, latents: torch.Tensor, cond:
     previous_x0 = previous_lambda = None
     for i in range(timesteps.shape[0]):
         alpha_s, sigma_s, lambda_s = scales(timesteps[i])
-        output = guided(denoise, sample, timesteps[i].to(sample.device), cond, uncond, guidance)
+        output, conditional = guided_and_conditional(denoise, sample, timesteps[i].to(sample.device), cond, uncond, guidance)
         seen.append(sample)
-        predicted.append(output)
+        predicted.append(conditional if record == "conditional" else output)
         x = sample.double()
         x0 = (x - sigma_s * output.double()) / alpha_s if prediction_type == "epsilon" else alpha_s * x - sigma_s * output.double()
         if i == timesteps.shape[0] - 1:

@@ -1,5 +1,5 @@
 """Model families: everything that differs between SD1.x/2.x, SDXL, the text-to-video stacks and the
-flow-matching transformers (SD3/SD3.5, FLUX.1) lives here and only here.
+flow-matching transformers (SD3/SD3.5, FLUX.1, Wan2.1 / Wan2.2) lives here and only here.
 
 A family knows which components its pipeline folder holds, which UNet class it loads, how to turn
 prompts into UNet conditioning (SDXL: two text encoders, penultimate hidden states, pooled
@@ -132,6 +132,59 @@ class StableDiffusionFamily:
         from diffusers import DDIMScheduler
 
         return DDIMScheduler.from_config(training_scheduler.config)
+
+    # ---- the VAE: class, scale factor, encoding, the denoiser's latent space, decoding ----------
+    vae_class_name = "AutoencoderKL"
+
+    @property
+    def vae_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.vae_class_name)
+
+    def load_training_scheduler(self, source: str, revision: str | None = None):
+        """The training scheduler from the pipeline folder's ``scheduler/`` config."""
+        return self.scheduler_class.from_pretrained(source, subfolder="scheduler", revision=revision)
+
+    def resolve(self, index: dict):
+        """The family for a pipeline folder's ``model_index.json`` (variants of one pipeline class)."""
+        return self
+
+    def vae_scale_factor(self, vae) -> int:
+        """Pixels per latent position along height and width."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def check_clip(self, stack, num_frames: int | None, resolution: int, section: str = "data") -> None:
+        """Refuse a frame count or resolution the VAE and denoiser cannot take (one-line errors naming
+        ``section``.num_frames / ``section``.resolution)."""
+
+    @torch.no_grad()
+    def encode_pixels(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] (N, 3, H, W) -> the VAE's latent distribution mean and std, fp32; videos
+        (N, F, 3, H, W) are encoded frame by frame into (N, C, F, h, w) latents."""
+        if pixels.ndim == 5:
+            n, f = pixels.shape[:2]
+            mean, std = self.encode_pixels(vae, pixels.flatten(0, 1))
+            return (x.view(n, f, *x.shape[1:]).transpose(1, 2).contiguous() for x in (mean, std))
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def to_denoiser_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """A VAE latent sample z -> the denoiser's latents: (z - shift) * scale (the VAE config's factors)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Denoiser latents -> pixels in [0, 1] on the CPU: (N, 3, H, W), or (N, F, 3, H, W) from
+        video latents (N, C, F, h, w), decoded frame by frame."""
+        if latents.ndim == 5:
+            n, f = latents.shape[0], latents.shape[2]
+            frames = self.decode(vae, latents.transpose(1, 2).flatten(0, 1))
+            return frames.view(n, f, *frames.shape[1:])
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     def latent_channels(self, stack) -> int:
         return int(stack.unet.config.in_channels)
@@ -410,6 +463,175 @@ class FluxFamily(StableDiffusion3Family):
         return denoise
 
 
+def wan_prompt(text: str) -> str:
+    """A prompt cleaned as ``WanPipeline`` cleans it before tokenizing (ftfy when installed, HTML
+    entities, whitespace runs): training and sampling then see the same token ids."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    return prompt_clean(text)
+
+
+class WanFamily(StableDiffusion3Family):
+    """Wan2.1 / Wan2.2 text-to-video (Wan Team 2025): a ``WanTransformer3DModel`` (self-attention over
+    (1, 2, 2) patches of 5-D latents with 3-D RoPE, cross-attention to the text, timestep modulation)
+    trained by rectified flow with a static shift, over the causal 3-D ``AutoencoderKLWan``.
+
+    * Text: UMT5-XXL's last hidden state with the attention mask, every position past the prompt's
+      tokens set to zero, ``max_sequence_length`` (512, the pipeline's default) rows (N, L, 4096).
+    * Latents: the VAE encodes a whole clip at once (causally: the first frame alone, then 4 frames per
+      latent frame), so F = 4k + 1 frames give (C, k + 1, H/8, W/8) latents; the denoiser's latents are
+      (z - mu_c) / sigma_c with the per-channel ``latents_mean`` / ``latents_std`` of the VAE config.
+    * Sizes: height and width a multiple of the spatial factor times the patch (8 x 2 = 16).
+    * The hub's scheduler folder holds a ``UniPCMultistepScheduler`` with ``flow_shift`` (3.0 for
+      480p, 5.0 for 720p); training draws sigma with that shift, sampling uses flow Euler steps.
+    * Wan2.2 TI2V-5B (``expand_timesteps`` in model_index.json): one timestep per latent token, as
+      its pipeline passes them. Wan2.2 A14B's two experts (``transformer_2``, ``boundary_ratio``) are
+      refused: diffpo trains one denoiser per run."""
+
+    name = "wan"
+    pipeline_class_name = "WanPipeline"
+    unet_class_name = "WanTransformer3DModel"
+    vae_class_name = "AutoencoderKLWan"
+    text_encoder_names = (("tokenizer", "text_encoder", "UMT5EncoderModel"),)
+    tokenizer_class_names = ("AutoTokenizer",)
+    # self-attention (attn1) and cross-attention (attn2) projections of every block; the feed-forward
+    # (ffn.net.0.proj, ffn.net.2) is opt-in through lora.target_modules
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    max_sequence_length = 512  # WanPipeline.__call__'s default
+    pipeline_extras = {"transformer_2": None}
+    video = True
+    expand_timesteps = False
+    native_side = 480  # WanPipeline's default height (its default width, 832, is not square)
+
+    def resolve(self, index: dict):
+        if index.get("transformer_2") and index["transformer_2"][0] is not None:
+            raise ValueError("this Wan2.2 pipeline has two experts (transformer, transformer_2 with boundary_ratio): "
+                             "diffpo trains one denoiser per run; use Wan2.1-T2V or Wan2.2-TI2V-5B")
+        return WAN_EXPANDED if index.get("expand_timesteps") else self
+
+    def load_training_scheduler(self, source: str, revision: str | None = None):
+        """Flow-matching Euler with the folder's shift (UniPC's ``flow_shift``, or a flow scheduler's ``shift``)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", revision=revision)
+        shift = config.get("flow_shift") or config.get("shift") or 1.0
+        if config.get("_class_name") != "FlowMatchEulerDiscreteScheduler" and not config.get("use_flow_sigmas", True):
+            raise ValueError(f"{source}'s scheduler ({config.get('_class_name')}) does not use flow sigmas: it is "
+                             "not a flow-matching Wan checkpoint")
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=shift)
+
+    def encode_prompts(self, tokenizers, text_encoders, prompts: list[str], max_sequence_length: int | None = None) -> TextEmbeddings:
+        encoder, length = text_encoders[0], max_sequence_length or self.max_sequence_length
+        tokens = tokenizers[0]([wan_prompt(p) for p in prompts], padding="max_length", max_length=length,
+                               truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(encoder.device)
+        hidden = encoder(tokens.input_ids.to(encoder.device), mask).last_hidden_state
+        return TextEmbeddings(hidden * mask[..., None].to(hidden.dtype))  # zeros past each prompt, as the pipeline
+
+    def unet_conditioning(self, text: TextEmbeddings, time_ids: torch.Tensor | None = None) -> dict:
+        return {"encoder_hidden_states": text.hidden}
+
+    def denoiser(self, transformer, guidance: float | None = None):
+        """(B, C, F, h, w) latents and sigma·1000 timesteps, as ``WanPipeline`` calls the transformer."""
+        config = getattr(transformer, "module", transformer).config
+        patch = config.patch_size
+
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+            if self.expand_timesteps:  # Wan2.2 TI2V: one (equal) timestep per latent token
+                tokens = noisy.shape[2] // patch[0] * (noisy.shape[3] // patch[1]) * (noisy.shape[4] // patch[2])
+                timesteps = timesteps[:, None].expand(-1, tokens)
+            return transformer(hidden_states=noisy, timestep=timesteps, **conditioning, return_dict=False)[0]
+
+        return denoise
+
+    def latent_channels(self, stack) -> int:
+        return int(stack.vae.config.z_dim)
+
+    def vae_scale_factor(self, vae) -> int:
+        return int(vae.config.scale_factor_spatial or 2 ** len(vae.config.temperal_downsample))
+
+    def temporal_factor(self, vae) -> int:
+        return int(vae.config.scale_factor_temporal or 2 ** sum(vae.config.temperal_downsample))
+
+    def latent_frames(self, vae, num_frames: int) -> int:
+        return (num_frames - 1) // self.temporal_factor(vae) + 1
+
+    def check_clip(self, stack, num_frames: int | None, resolution: int, section: str = "data") -> None:
+        self.check_frames(stack.vae, num_frames, f"{section}.num_frames")
+        multiple = self.vae_scale_factor(stack.vae) * max(getattr(stack.unet, "module", stack.unet).config.patch_size[1:])
+        if resolution % multiple:
+            raise ValueError(f"{section}.resolution={resolution} is not a multiple of {multiple} (the Wan VAE's factor "
+                             f"{self.vae_scale_factor(stack.vae)} x the 2x2 patch): use "
+                             f"{max(multiple, round(resolution / multiple) * multiple)}")
+
+    def check_frames(self, vae, num_frames: int | None, key: str = "num_frames") -> None:
+        factor = self.temporal_factor(vae)
+        if num_frames is None or num_frames < 1 or (num_frames - 1) % factor:
+            ok = ", ".join(str(factor * k + 1) for k in range(4))
+            nearest = max(1, round(((num_frames or 1) - 1) / factor)) * factor + 1
+            raise ValueError(f"{key}={num_frames}: the Wan VAE takes 4k+1 frames ({ok}, ..., 81): use {nearest}")
+
+    @torch.no_grad()
+    def encode_pixels(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips in [-1, 1] (N, F, 3, H, W) -> latent mean and std (N, C, (F-1)/4+1, H/8, W/8), fp32: the
+        causal 3-D VAE encodes each clip whole (frames are not independent)."""
+        if pixels.ndim != 5:
+            raise ValueError(f"the Wan VAE encodes clips (N, F, 3, H, W), got {tuple(pixels.shape)}: set data.num_frames")
+        self.check_frames(vae, pixels.shape[1], "frames per clip")
+        dist = vae.encode(pixels.transpose(1, 2).to(vae.device, vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def _statistics(self, vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(shape)
+        std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(shape)
+        return mean.to(like.device), std.to(like.device)
+
+    def to_denoiser_space(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """(z - latents_mean_c) / latents_std_c per channel (``WanPipeline`` decodes by the inverse)."""
+        mean, std = self._statistics(vae, latents)
+        return ((latents.float() - mean) / std).to(latents.dtype)
+
+    @torch.no_grad()
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, f, h, w) denoiser latents -> clips (N, 4(f-1)+1, 3, H, W) in [0, 1] on the CPU."""
+        mean, std = self._statistics(vae, latents)
+        video = vae.decode((latents.float() * std + mean).to(vae.dtype)).sample
+        return ((video.float() + 1) / 2).clamp(0, 1).transpose(1, 2).cpu()
+
+    def pipeline_latent_shape(self, pipe, side: int | None = None, num_frames: int | None = None) -> tuple[int, ...]:
+        if num_frames is None:
+            raise ValueError("WanPipeline is a video model: give sampling.num_frames (4k+1)")
+        self.check_frames(pipe.vae, num_frames, "sampling.num_frames")
+        side = side or self.native_side // self.vae_scale_factor(pipe.vae)
+        return (int(pipe.vae.config.z_dim), self.latent_frames(pipe.vae, num_frames), side, side)
+
+    def pipeline_inputs(self, pipe, latents: torch.Tensor, guidance_scale: float, eta: float) -> dict:
+        """``WanPipeline`` from 5-D ``latents``; its frame count is given with them (``num_frames``)."""
+        if eta:
+            raise ValueError(f"sampling.eta={eta} adds DDIM step noise; WanPipeline samples a deterministic flow ODE: "
+                             "set sampling.eta=0")
+        h, w = latents.shape[-2:]
+        factor = self.vae_scale_factor(pipe.vae)
+        return {"latents": latents, "guidance_scale": guidance_scale, "height": h * factor, "width": w * factor}
+
+    def native_resolution(self, stack) -> int:
+        return self.native_side
+
+
+class Wan22TI2VFamily(WanFamily):
+    """Wan2.2 TI2V-5B as a text-to-video model: the pipeline passes one timestep per latent token
+    (``expand_timesteps``); its VAE (48 channels, 16x spatial) patchifies inside encode / decode."""
+
+    name = "wan2.2-ti2v"
+    expand_timesteps = True
+    pipeline_extras = {"transformer_2": None, "expand_timesteps": True}
+    native_side = 704  # the TI2V-5B pipeline's 720p (704 x 1280) height
+
+
+WAN_EXPANDED = Wan22TI2VFamily()
+
+
 FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionFamily(),
     "StableDiffusionXLPipeline": StableDiffusionXLFamily(),
@@ -417,6 +639,7 @@ FAMILIES = {
     "TextToVideoSDPipeline": TextToVideoFamily(),
     "StableDiffusion3Pipeline": StableDiffusion3Family(),
     "FluxPipeline": FluxFamily(),
+    "WanPipeline": WanFamily(),
 }
 TEXT_PER_FRAME_UNETS = ("UNetMotionModel",)  # UNet classes that take (B * F, L, D) text embeddings
 

@@ -69,7 +69,8 @@ class DiffusionStack:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent position along height and width (the family reads its VAE config)."""
+        return self.family.vae_scale_factor(self.vae)
 
     @property
     def native_resolution(self) -> int:
@@ -84,9 +85,9 @@ class DiffusionStack:
         return self.family.denoiser(self.unet if module is None else module, self.guidance)
 
     def latents_from_distribution(self, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """A VAE latent sample mean + std·eps, shifted and scaled as the UNet expects."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (mean + std * eps - shift) * self.vae.config.scaling_factor
+        """A VAE latent sample mean + std·eps, normalised as the denoiser expects (shift and scale, or
+        Wan's per-channel mean and std)."""
+        return self.family.to_denoiser_space(self.vae, mean + std * eps)
 
     @property
     def is_video(self) -> bool:
@@ -95,25 +96,18 @@ class DiffusionStack:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] (N, 3, H, W) -> latent distribution mean and std, fp32; videos
-        (N, F, 3, H, W) are encoded frame by frame into (N, C, F, h, w) latents."""
-        if pixels.ndim == 5:
-            n, f = pixels.shape[:2]
-            mean, std = self.encode_images(pixels.flatten(0, 1))
-            return (x.view(n, f, *x.shape[1:]).transpose(1, 2).contiguous() for x in (mean, std))
-        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
+        (N, F, 3, H, W) -> (N, C, F', h, w) latents (frame by frame, or whole clips by a 3-D VAE)."""
+        return self.family.encode_pixels(self.vae, pixels)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """UNet latents -> pixels in [0, 1] on the CPU: (N, 3, H, W), or (N, F, 3, H, W) from video
-        latents (N, C, F, h, w), decoded frame by frame."""
-        if latents.ndim == 5:
-            n, f = latents.shape[0], latents.shape[2]
-            frames = self.decode_latents(latents.transpose(1, 2).flatten(0, 1))
-            return frames.view(n, f, *frames.shape[1:])
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift).sample
-        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+        """Denoiser latents -> pixels in [0, 1] on the CPU: (N, 3, H, W), or (N, F, 3, H, W) from video
+        latents (N, C, F', h, w)."""
+        return self.family.decode(self.vae, latents)
+
+    def check_clip(self, num_frames: int | None, resolution: int, section: str = "data") -> None:
+        """Refuse a clip length or resolution this model's VAE and denoiser cannot take."""
+        self.family.check_clip(self, num_frames, resolution, section)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextEmbeddings:
@@ -158,11 +152,10 @@ def load_stack(
     ``guidance``: the guidance-embedding value of distilled flow models; ``max_sequence_length``:
     T5 tokens per prompt."""
     import transformers
-    from diffusers import AutoencoderKL
 
     source = resolve_source(pretrained)
     index = read_model_index(source, revision)
-    family = family_for(index.get("_class_name", ""))
+    family = family_for(index.get("_class_name", "")).resolve(index)
     flow = family.training_scheduler_class_name != "DDPMScheduler"
     if guidance is not None and not family.takes_guidance:
         raise ValueError(f"model.guidance={guidance} is the guidance embedding of distilled flow models (FLUX.1-dev); "
@@ -183,16 +176,16 @@ def load_stack(
     else:
         unet = family.unet_class.from_pretrained(source, subfolder=family.denoiser_attr, torch_dtype=dtype, **common)
     vae_model = (
-        AutoencoderKL.from_pretrained(resolve_source(vae), torch_dtype=dtype)
+        family.vae_class.from_pretrained(resolve_source(vae), torch_dtype=dtype)
         if vae
-        else AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
+        else family.vae_class.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
     )
     tokenizers, encoders = [], []
     for (tok_name, enc_name, enc_class), tok_class in zip(family.text_encoder_names, family.tokenizer_class_names, strict=True):
         tokenizers.append(getattr(transformers, tok_class).from_pretrained(source, subfolder=tok_name, revision=revision))
         encoder_cls = getattr(transformers, enc_class)
         encoders.append(encoder_cls.from_pretrained(source, subfolder=enc_name, torch_dtype=dtype, **common))
-    scheduler = family.scheduler_class.from_pretrained(source, subfolder="scheduler", revision=revision)
+    scheduler = family.load_training_scheduler(source, revision)
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
     resolved_prediction = "flow" if flow else scheduler.config.prediction_type

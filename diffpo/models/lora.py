@@ -54,6 +54,9 @@ def lora_target_names(unet, target_modules: list[str], part: str, family) -> lis
     if part != "both" and (family is None or not family.video):
         raise ValueError(f"lora.part={part} selects spatial or motion layers of a video UNet; this model has no "
                          "motion modules: set lora.part=both")
+    if part != "both" and not family.motion_markers:  # Wan: every attention is spatio-temporal
+        raise ValueError(f"lora.part={part} selects spatial or motion layers; {family.unet_class_name} attends over "
+                         "space and time jointly, with no separate motion layers: set lora.part=both")
     found = [name for name, _ in unet.named_modules()
              if any(name == t or name.endswith("." + t) for t in target_modules)
              and (part == "both" or is_motion_module(family, name) == (part == "motion"))

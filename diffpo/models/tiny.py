@@ -323,3 +323,86 @@ def build_tiny_flux_components(seed: int = 0, num_merges: int = 2000, clip_width
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, scheduler=scheduler,
                 image_encoder=None, feature_extractor=None)
+
+
+# --- Wan2.1 text-to-video (flow-matching video transformer) ---
+
+
+def tiny_wan_transformer_config(text_width: int = 32) -> dict:
+    """A small ``WanTransformer3DModel`` config: 2 blocks, 2 heads of 12, (1, 2, 2) patches of
+    16-channel latents, cross-attention to ``text_width``-wide UMT5 states (Wan2.1 layout)."""
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=text_width,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+
+def tiny_wan_vae_config(base_dim: int = 8) -> dict:
+    """A small causal 3-D ``AutoencoderKLWan`` config with Wan2.1's factors: 8x spatial (three 2x
+    downsamplings), 4x temporal (the second and third), 16 latent channels, and the Wan2.1 VAE's
+    per-channel ``latents_mean`` / ``latents_std`` (the class defaults)."""
+    return dict(base_dim=base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                temperal_downsample=[False, True, True])
+
+
+def tiny_umt5_config(tokenizer, d_model: int = 32, num_layers: int = 2) -> dict:
+    """A small ``UMT5EncoderModel`` config (per-layer relative attention biases, as UMT5-XXL)."""
+    return {**tiny_t5_encoder_config(tokenizer, d_model=d_model, num_layers=num_layers), "num_heads": 2,
+            "d_kv": d_model // 2}
+
+
+def build_tiny_wan_components(seed: int = 0, text_width: int = 32, flow_shift: float = 3.0) -> dict:
+    """Randomly initialised components of a tiny ``WanPipeline`` (Wan2.1 T2V layout): a UMT5 encoder with
+    an offline T5 tokenizer, a ``WanTransformer3DModel``, a causal 3-D ``AutoencoderKLWan`` and the hub's
+    scheduler format (``UniPCMultistepScheduler`` on flow sigmas with ``flow_shift``)."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from diffpo.models.tokenizer import build_t5_tokenizer
+
+    tokenizer = build_t5_tokenizer(model_max_length=512)
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(**tiny_umt5_config(tokenizer, d_model=text_width)))
+    transformer = WanTransformer3DModel(**tiny_wan_transformer_config(text_width))
+    vae = AutoencoderKLWan(**tiny_wan_vae_config())
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
+                                        num_train_timesteps=1000)
+    _eval(text_encoder, transformer, vae)
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def tiny_wan22_vae_config(base_dim: int = 16) -> dict:
+    """A small Wan2.2 (TI2V-5B layout) ``AutoencoderKLWan`` config: residual blocks, 48 latent channels,
+    a 2x2 pixel patchify inside encode / decode (12 = 3 x 2 x 2 input channels), so 16x spatial and 4x
+    temporal; per-channel statistics made up (the real ones come with the checkpoint)."""
+    return dict(base_dim=base_dim, decoder_base_dim=base_dim, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16,
+                scale_factor_temporal=4, temperal_downsample=[False, True, True],
+                latents_mean=[0.1 * (i % 5) for i in range(48)], latents_std=[1.0 + 0.1 * (i % 3) for i in range(48)])
+
+
+def build_tiny_wan22_ti2v_components(seed: int = 0, text_width: int = 32, flow_shift: float = 5.0) -> dict:
+    """Components of a tiny Wan2.2-TI2V-5B-layout ``WanPipeline`` used as text-to-video: the Wan2.2 VAE
+    (48 channels, 16x) and a transformer on 48-channel latents; build the pipeline with
+    ``WanPipeline(**parts, expand_timesteps=True)`` (one timestep per latent token, as TI2V-5B)."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    parts = build_tiny_wan_components(seed, text_width, flow_shift)
+    torch.manual_seed(seed + 1)
+    parts["vae"] = AutoencoderKLWan(**tiny_wan22_vae_config())
+    parts["transformer"] = WanTransformer3DModel(**{**tiny_wan_transformer_config(text_width), "in_channels": 48,
+                                                    "out_channels": 48})
+    _eval(parts["vae"], parts["transformer"])
+    return parts

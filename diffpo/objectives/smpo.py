@@ -37,5 +37,7 @@ def smpo_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tenso
     loss = -F.logsigmoid(logits)
     with torch.no_grad():
         metrics = {"implicit_acc": ((logits > 0).float() + 0.5 * (logits == 0).float()).mean(),
-                   "soft_label": p.float().mean(), "margin": (-0.5 * delta).mean()}
+                   "soft_label": p.float().mean(), "margin": (-0.5 * delta).mean(),
+                   # per term against the reference: both rising together is what the loss leaves free
+                   "diff_w": (policy_w - ref_w).mean(), "diff_l": (policy_l - ref_l).mean()}
     return loss, metrics

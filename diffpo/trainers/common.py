@@ -319,6 +319,28 @@ def load_policy(config, accelerator, weight_dtype):
     return stack, unet, params
 
 
+def build_sampler(sampler_config, stack, ddim_eta: float = 1.0, flow_auto: str = "flow_sde", key: str = "online.sampler"):
+    """The ``diffpo.kernel.samplers.Sampler`` that ``sampler_config`` (a ``SamplerConfig``) names for
+    ``stack``'s noise process, on the family's sampling scheduler. ``name: auto`` is ``ddim`` on DDPM
+    models and ``flow_auto`` on flow models; ``noise_level: null`` is ``ddim_eta`` for DDIM and the
+    official default otherwise. A sampler that does not fit the model is a ConfigError naming ``key``
+    and the valid choices."""
+    from diffpo.kernel.noise_process import DDPMProcess
+    from diffpo.kernel.samplers import SamplerMismatch, make_sampler
+
+    is_flow = not isinstance(stack.noise_process, DDPMProcess)
+    name = flow_auto if is_flow and sampler_config.name == "auto" else sampler_config.name
+    noise_level = sampler_config.noise_level
+    if noise_level is None and not is_flow:
+        noise_level = ddim_eta
+    try:
+        return make_sampler(name, stack.noise_process, stack.family.sampling_scheduler(stack.noise_scheduler), noise_level,
+                            sampler_config.window, stack.prediction_type)
+    except SamplerMismatch as error:
+        raise ConfigError(f"{key}.name={sampler_config.name}: {error} "
+                          f"({stack.family.pipeline_class_name} is {'a flow-matching' if is_flow else 'a DDPM'} model)") from None
+
+
 def check_frames(data, stack) -> None:
     """Video models train on clips of ``data.num_frames`` frames, image models on images."""
     if stack.is_video and data.num_frames is None:
@@ -327,6 +349,10 @@ def check_frames(data, stack) -> None:
     if not stack.is_video and data.num_frames is not None:
         raise ConfigError(f"data.num_frames={data.num_frames} reads video clips, but {stack.source} is an image model "
                           f"({stack.family.pipeline_class_name}): set data.num_frames=null or use a video model")
+    try:  # the family's own limits (Wan: 4k+1 frames, sides a multiple of VAE factor x patch)
+        stack.check_clip(data.num_frames, data.resolution or stack.native_resolution)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def reference_dtype(config, weight_dtype):

@@ -138,7 +138,9 @@ def _train(config: TrainConfig) -> Path:
         if config.data.score_columns is None:
             raise ConfigError(f"method={config.method} needs reward scores per image: set data.score_columns "
                               "(e.g. [pickscore_0, pickscore_1] from `diffpo score --pairs`)")
-        inverting_policy = stack.denoiser(accelerator.unwrap_model(unet))
+        # objective.inversion_model: the policy (official; the target moves as it trains) or the reference
+        inverting_policy = (reference if config.objective.inversion_model == "reference"
+                            else stack.denoiser(accelerator.unwrap_model(unet)))
     if accelerator.is_main_process:
         accelerator.init_trackers("diffpo", config={"method": config.method, "lr": lr, "beta": config.objective.beta})
 
@@ -199,7 +201,7 @@ def _train(config: TrainConfig) -> Path:
             time_ids = sdxl_time_ids(torch.cat([batch["original_size_w"], batch["original_size_l"]]),
                                      torch.cat([batch["crop_w"], batch["crop_l"]]), resolution)
         conditioning = stack.family.unet_conditioning(text, time_ids)
-        if method.prepare == "inversion":  # SmPO: x_t from inverting x_0 with the current policy; its target
+        if method.prepare == "inversion" and config.objective.inversion_steps > 0:  # SmPO: x_t from inverting x_0; its target
             # (DDPM: the noise tau reaching x~_t in one jump; flow: the straight-path velocity (x~ - x_0) / sigma)
             noisy = process.invert(inverting_policy, noised.latents, conditioning, noised.timesteps,
                                    config.objective.inversion_steps, config.objective.inversion_grid)

@@ -39,6 +39,7 @@ from diffpo.serialization import load_state_file, save_state_file
 from diffpo.trainers.common import (
     EpochSampler,
     build_optimization,
+    build_sampler,
     check_frames,
     checkpoint_extra,
     export_final,
@@ -93,14 +94,7 @@ def _train(config: TrainConfig) -> Path:
     from diffpo.data.replay import ReplayBuffer
     from diffpo.kernel.denoising import batch_errors, noise_pairs, pair_errors
     from diffpo.kernel.noise_process import DDPMProcess
-    from diffpo.kernel.samplers import (
-        SampledTrajectory,
-        SamplerMismatch,
-        check_on_policy,
-        jittered_flow_sigmas,
-        make_sampler,
-        max_ratio_error,
-    )
+    from diffpo.kernel.samplers import SampledTrajectory, check_on_policy, jittered_flow_sigmas, max_ratio_error
     from diffpo.kernel.trajectory import sample_dpm_solver, solver_timesteps
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.pool import load_pool, save_pool_entry
@@ -138,21 +132,12 @@ def _train(config: TrainConfig) -> Path:
     if is_flow and online.eta != 1.0:
         raise ConfigError(f"online.eta={online.eta} is DDIM's eta; {stack.family.pipeline_class_name} is a flow model: set "
                           "online.sampler.noise_level instead (and leave online.eta at 1.0)")
-    name = sampler_config.name
-    if is_dro and not is_flow and (name != "auto" or sampler_config.noise_level is not None or sampler_config.window):
+    if is_dro and not is_flow and (sampler_config.name != "auto" or sampler_config.noise_level is not None
+                                   or sampler_config.window):
         raise ConfigError("method=dro samples DPM-Solver++ trajectories on DDPM models: leave online.sampler at its "
                           "defaults (it chooses the sampler on flow models only)")
-    if is_dro and is_flow and name == "auto":  # DRO's lagged copy samples deterministically (DPM-Solver on DDPM models)
-        name = "ode"
-    noise_level = sampler_config.noise_level
-    if noise_level is None and not is_flow:
-        noise_level = online.eta
-    try:
-        sampler = make_sampler(name, process, stack.family.sampling_scheduler(stack.noise_scheduler), noise_level,
-                               sampler_config.window, stack.prediction_type)
-    except SamplerMismatch as error:
-        raise ConfigError(f"online.sampler.name={sampler_config.name}: {error} "
-                          f"({stack.family.pipeline_class_name} is {'a flow-matching' if is_flow else 'a DDPM'} model)") from None
+    # DRO's lagged copy samples deterministically (DPM-Solver++ on DDPM models, the ODE on flow models)
+    sampler = build_sampler(sampler_config, stack, online.eta, "ode" if is_dro else "flow_sde")
     if is_d3po and not sampler.stochastic:
         raise ConfigError(f"method=d3po needs a stochastic sampler with a log-probability per step; {sampler.spec.describe()} "
                           "has none: on DDPM models set online.eta > 0, on flow models online.sampler.name=flow_sde, "
@@ -432,7 +417,7 @@ def _train(config: TrainConfig) -> Path:
                                           generator)
             with torch.no_grad(), accelerator.autocast():
                 flow = sampler.sample(lagged, x_T, conditioning(text), unconditional(n), online.guidance_scale,
-                                      record_outputs=True, schedule=sampler.per_sample_schedule(sigmas))
+                                      record_outputs=online.negative_target, schedule=sampler.per_sample_schedule(sigmas))
             replay.add(timesteps=flow.timesteps.T, latents=flow.latents[:-1].to(weight_dtype).transpose(0, 1),
                        predictions=flow.outputs.transpose(0, 1), expert=experts, hidden=text.hidden, pooled=text.pooled)
             return
@@ -440,7 +425,7 @@ def _train(config: TrainConfig) -> Path:
                                 online.jitter_timesteps, generator)
         with torch.no_grad(), accelerator.autocast():
             trajectory = sample_dpm_solver(lagged, stack.noise_scheduler, x_T, conditioning(text), grid, unconditional(n),
-                                           online.guidance_scale, stack.prediction_type)
+                                           online.guidance_scale, stack.prediction_type, online.negative_target)
         replay.add(timesteps=grid.T, latents=trajectory.latents.transpose(0, 1), predictions=trajectory.predictions.transpose(0, 1),
                    expert=experts, hidden=text.hidden, pooled=text.pooled)
 
