@@ -49,6 +49,7 @@ from diffpo.models.families import TextEmbeddings
 from diffpo.serialization import load_state_file, save_state_file
 from diffpo.trainers.common import (
     build_optimization,
+    build_sampler,
     export_final,
     load_policy,
     make_accelerator,
@@ -118,7 +119,7 @@ def _train(config: TrainConfig) -> Path:
     from diffpo.eval.config import PromptSetConfig
     from diffpo.eval.prompts import load_prompts
     from diffpo.kernel.noise_process import DDPMProcess
-    from diffpo.kernel.samplers import SampledTrajectory, SamplerMismatch, check_on_policy, make_sampler
+    from diffpo.kernel.samplers import SampledTrajectory, check_on_policy
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.reference import (
         AdaptersDisabledReference,
@@ -160,15 +161,7 @@ def _train(config: TrainConfig) -> Path:
     if online.window_size is not None and sampler_config.window is not None:
         raise ConfigError("online.window_size slides a window over the steps every round and online.sampler.window fixes "
                           "one: set one of them")
-    noise_level = sampler_config.noise_level
-    if noise_level is None and not is_flow:
-        noise_level = online.eta
-    try:
-        sampler = make_sampler(sampler_config.name, process, stack.family.sampling_scheduler(stack.noise_scheduler),
-                               noise_level, sampler_config.window, stack.prediction_type)
-    except SamplerMismatch as error:
-        raise ConfigError(f"online.sampler.name={sampler_config.name}: {error} "
-                          f"({stack.family.pipeline_class_name} is {'a flow-matching' if is_flow else 'a DDPM'} model)") from None
+    sampler = build_sampler(sampler_config, stack, online.eta)
     if not is_nft and not sampler.stochastic:
         raise ConfigError(f"method={config.method} needs a stochastic sampler with a log-probability per step; "
                           f"{sampler.spec.describe()} has none: on DDPM models set online.eta > 0, on flow models "
