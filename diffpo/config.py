@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,6 +186,8 @@ class ObjectiveConfig:
     # reference: a fixed trajectory, docs/methods.md "SmPO's fragility")
     inversion_model: Literal["policy", "reference"] = "policy"
     margin: float = 0.001  # Diffusion-DRO: the hinge margin m
+    kl_coef: float = 0.04  # GRPO / DDPO / NFT: weight of the KL to the base model (Flow-GRPO: 0.04; 0: no reference forward)
+    nft_beta: float = 1.0  # DiffusionNFT: the trust region b of v+ = (1 - b) v_old + b v_theta (official: 1.0 or 0.1)
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -200,6 +203,10 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.clip_range={self.clip_range} must lie in (0, 1)")
         if self.margin < 0:
             raise ConfigError(f"objective.margin={self.margin} must be >= 0")
+        if self.kl_coef < 0:
+            raise ConfigError(f"objective.kl_coef={self.kl_coef} must be >= 0 (0: no KL term)")
+        if self.nft_beta <= 0:
+            raise ConfigError(f"objective.nft_beta={self.nft_beta} must be > 0")
 
     @property
     def reference_free(self) -> bool:
@@ -262,6 +269,18 @@ class OnlineConfig:
     # prediction (what the policy is trained to output), or the guided one that stepped the solver
     negative_target: Literal["conditional", "guided"] = "conditional"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # D3PO / SePPO sampler (DRO on flow models: its ODE steps)
+    # GRPO / DDPO / NFT (diffpo/trainers/grpo.py): samples_per_prompt is the group size G
+    reward_weights: list[float] | None = None  # per online.rewards entry (None: 1 each); A = sum_k w_k * groupnorm(r_k)
+    gold_rewards: list[str] = field(default_factory=list)  # held-out rewards: scored and logged every round, never trained on
+    hacking_patience: int = 0  # stop after this many rounds in a row of gold falling while the trained reward rises (0: only log)
+    hacking_tolerance: float = 0.0  # how far (in gold units) the gold mean may fall below its best before a round counts
+    # group std, the round's global std, or DDPO's per-prompt tracker (null: per_prompt for method=ddpo, else group)
+    advantage: Literal["group", "global_std", "per_prompt"] | None = None
+    stat_buffer_size: int = 32  # advantage=per_prompt: rewards kept per prompt
+    stat_min_count: int = 16  # advantage=per_prompt: fewer kept rewards use the round's mean and std
+    adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip] (NFT: r = clip(A) / (2 adv_clip) + 1/2)
+    window_size: int | None = None  # MixGRPO: only this many consecutive steps are stochastic (and trained), the rest ODE (null: off)
+    window_stride: int = 1  # window_size: the window moves this many steps per round (wrapping around)
 
     def __post_init__(self):
         for name in ("prompts_per_round", "inner_epochs", "num_inference_steps", "pool_every", "replay_size",
@@ -270,6 +289,20 @@ class OnlineConfig:
                 raise ConfigError(f"online.{name}={getattr(self, name)} must be >= 1")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"online.samples_per_prompt={self.samples_per_prompt} must be >= 2 to form pairs")
+        if self.window_size is not None and self.window_size < 1:
+            raise ConfigError(f"online.window_size={self.window_size} must be >= 1 (or null: every step stochastic)")
+        for name in ("window_stride", "stat_buffer_size", "stat_min_count"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"online.{name}={getattr(self, name)} must be >= 1")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"online.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} "
+                              "online.rewards: give one weight per reward (or null: 1 each)")
+        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
+            raise ConfigError(f"online.reward_weights={self.reward_weights} must be finite numbers")
+        overlap = sorted(set(self.rewards) & set(self.gold_rewards))
+        if overlap:
+            raise ConfigError(f"online.gold_rewards holds {overlap[0]!r}, which online.rewards trains on: a gold reward "
+                              "is one the run never trains on")
         if self.replay_batch_size is not None and self.replay_batch_size < 1:
             raise ConfigError(f"online.replay_batch_size={self.replay_batch_size} must be >= 1 (or null)")
         if not 0.0 < self.timestep_fraction <= 1.0:
@@ -281,7 +314,7 @@ class OnlineConfig:
         if self.preference == "reward":
             from diffpo.rewards import REWARDS
 
-            for name in self.rewards:
+            for name in [*self.rewards, *self.gold_rewards]:
                 if name not in REWARDS:
                     raise ConfigError(f"online.rewards: reward {name!r} is unknown{_suggest(name, REWARDS)}")
 

@@ -74,7 +74,10 @@ class QuickstartConfig:
 
 
 QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo.yaml", "dro": "quickstart_dro.yaml",
-                      "smpo": "quickstart_smpo.yaml"}
+                      "smpo": "quickstart_smpo.yaml", "grpo": "quickstart_grpo.yaml", "nft": "quickstart_nft.yaml"}
+# a method's own preset on a model: these win over the model's and the method's
+METHOD_MODEL_PRESETS = {("grpo", "flow"): "quickstart_grpo_flow.yaml", ("nft", "flow"): "quickstart_nft_flow.yaml"}
+ONLINE_RL = ("grpo", "ddpo", "nft")  # methods that sample and score their own rounds (as D3PO), from rewards
 MODEL_PRESETS = {"video": "quickstart_video.yaml", "flow": "quickstart_flow.yaml"}  # model presets, whatever the method
 QUICKSTART_MODELS = {"video": "tiny-video", "flow": "tiny-flow"}  # quickstart model names -> bundled models
 WINNERS_ONLY = ("seppo", "dro")  # methods that train on preferred images alone (SePPO winners, DRO experts)
@@ -85,7 +88,8 @@ def default_config_path(method: str | None = None, model: str | None = None) -> 
     have their own tuned presets)."""
     from diffpo.resources import shipped_config
 
-    return shipped_config(MODEL_PRESETS.get(model) or QUICKSTART_PRESETS.get(method, "quickstart.yaml"))
+    return shipped_config(METHOD_MODEL_PRESETS.get((method, model)) or MODEL_PRESETS.get(model)
+                          or QUICKSTART_PRESETS.get(method, "quickstart.yaml"))
 
 
 def _world(video: bool):
@@ -137,14 +141,22 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     if config.method in WINNERS_ONLY and config.winners == "renders":
         parquet, sampled = _render_winners(config, train_captions, stack.native_resolution, frames)
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet), **video_data)}
-    elif config.method != "d3po":
+    elif config.method != "d3po" and config.method not in ONLINE_RL:
         parquet, sampled = _sample_pairs(config, pipe, stack, shape, reward, train_captions, frames)
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet), **video_data)}
 
     # 3. train
     online = config.train.online
+    is_flow = stack.prediction_type == "flow"  # flow samplers take online.sampler.noise_level, not DDIM's eta
     if config.method != "dro":  # DRO's lagged copy samples with its own solver and (no) guidance
-        online = dataclasses.replace(online, eta=config.sample_eta, guidance_scale=config.guidance_scale)
+        online = dataclasses.replace(online, guidance_scale=config.guidance_scale,
+                                     **({} if is_flow and config.method in ONLINE_RL else {"eta": config.sample_eta}))
+    if config.method in ONLINE_RL:  # rounds of groups for the training captions; check rewards are its gold rewards
+        prompt_file = run_dir / "train_captions.txt"
+        prompt_file.write_text("\n".join(train_captions) + "\n")
+        online = dataclasses.replace(online, prompts=str(prompt_file.resolve()), rewards=[config.reward],
+                                     gold_rewards=[name for name in config.check_rewards if name != config.reward],
+                                     samples_per_prompt=config.samples_per_prompt, num_inference_steps=config.sample_steps)
     if config.method == "d3po":  # its rounds are the quickstart's candidates, for the training captions only
         prompt_file = run_dir / "train_captions.txt"
         prompt_file.write_text("\n".join(train_captions) + "\n")

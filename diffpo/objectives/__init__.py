@@ -17,6 +17,8 @@ import torch
 from diffpo.objectives.d3po import d3po_step_loss
 from diffpo.objectives.dpo import diffusion_dpo_loss, sft_loss
 from diffpo.objectives.dro import dro_loss
+from diffpo.objectives.grpo import grpo_step_loss
+from diffpo.objectives.nft import nft_loss
 from diffpo.objectives.seppo import aaf_loss
 from diffpo.objectives.smpo import smpo_loss, soft_labels
 from diffpo.objectives.variants import OBJECTIVES
@@ -60,6 +62,13 @@ METHODS: dict[str, Method] = {
                                               "Diffusion Alignment, 2024"),
     "dro": Method("online", True, dro_loss, "Wu et al., Ranking-based Preference Optimization for Diffusion Models "
                                             "from Implicit User Feedback (Diffusion-DRO), NeurIPS 2025"),
+    # online RL on rewards: diffpo.trainers.grpo samples groups, normalises rewards, and calls these
+    "grpo": Method("grpo", False, grpo_step_loss, "Liu et al., Flow-GRPO: Training Flow Matching Models via Online RL, "
+                                                  "2025; Xue et al., DanceGRPO, 2025"),
+    "ddpo": Method("grpo", False, grpo_step_loss, "Black et al., Training Diffusion Models with Reinforcement Learning "
+                                                  "(DDPO), ICLR 2024"),
+    "nft": Method("grpo", False, nft_loss, "Zheng et al., DiffusionNFT: Online Diffusion Reinforcement with Forward "
+                                           "Process, ICLR 2026"),
 }
 
-__all__ = ["METHODS", "Method", "OBJECTIVES", "aaf_loss", "d3po_step_loss", "diffusion_dpo_loss", "dro_loss", "sft_loss"]
+__all__ = ["METHODS", "Method", "OBJECTIVES", "aaf_loss", "d3po_step_loss", "diffusion_dpo_loss", "dro_loss", "grpo_step_loss", "nft_loss", "sft_loss"]
