@@ -329,6 +329,9 @@ def build_sampler(sampler_config, stack, ddim_eta: float = 1.0, flow_auto: str =
     from diffpo.kernel.samplers import SamplerMismatch, make_sampler
 
     is_flow = not isinstance(stack.noise_process, DDPMProcess)
+    if is_flow and ddim_eta != 1.0:  # a DDIM setting that would silently do nothing on a flow model
+        raise ConfigError(f"online.eta={ddim_eta} is DDIM's eta; {stack.family.pipeline_class_name} is a flow model: set "
+                          f"{key}.noise_level instead (and leave online.eta at 1.0)")
     name = flow_auto if is_flow and sampler_config.name == "auto" else sampler_config.name
     noise_level = sampler_config.noise_level
     if noise_level is None and not is_flow:

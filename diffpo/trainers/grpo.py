@@ -118,7 +118,6 @@ def _train(config: TrainConfig) -> Path:
     from diffpo.data import rounds as round_files
     from diffpo.eval.config import PromptSetConfig
     from diffpo.eval.prompts import load_prompts
-    from diffpo.kernel.noise_process import DDPMProcess
     from diffpo.kernel.samplers import SampledTrajectory, check_on_policy
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.models.reference import (
@@ -152,12 +151,8 @@ def _train(config: TrainConfig) -> Path:
     stack, unet, params = load_policy(config, accelerator, weight_dtype)
     check_free_space(run_dir, sum(p.numel() for p in params) * 4, config)
     process = stack.noise_process
-    is_flow = not isinstance(process, DDPMProcess)
     # the sampler layer: DDIM (eta = online.eta) on DDPM models, flow_sde / dance_sde / cps / ode on flow models
     sampler_config = online.sampler
-    if is_flow and online.eta != 1.0:
-        raise ConfigError(f"online.eta={online.eta} is DDIM's eta; {stack.family.pipeline_class_name} is a flow model: set "
-                          "online.sampler.noise_level instead (and leave online.eta at 1.0)")
     if online.window_size is not None and sampler_config.window is not None:
         raise ConfigError("online.window_size slides a window over the steps every round and online.sampler.window fixes "
                           "one: set one of them")

@@ -129,9 +129,6 @@ def _train(config: TrainConfig) -> Path:
     is_flow = not isinstance(process, DDPMProcess)
     # the sampler fits the model's noise process: DDIM (eta = online.eta) on DDPM models, a flow SDE / ODE on flow models
     sampler_config = online.sampler
-    if is_flow and online.eta != 1.0:
-        raise ConfigError(f"online.eta={online.eta} is DDIM's eta; {stack.family.pipeline_class_name} is a flow model: set "
-                          "online.sampler.noise_level instead (and leave online.eta at 1.0)")
     if is_dro and not is_flow and (sampler_config.name != "auto" or sampler_config.noise_level is not None
                                    or sampler_config.window):
         raise ConfigError("method=dro samples DPM-Solver++ trajectories on DDPM models: leave online.sampler at its "
