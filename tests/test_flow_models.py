@@ -116,24 +116,28 @@ def test_unsupported_pipeline_and_ddpm_settings_fail_in_one_line(tmp_path, tiny_
 
 @pytest.mark.parametrize("flow_dir", FAMILIES, indirect=True)
 def test_every_objective_starts_at_its_initial_value_on_a_flow_transformer(flow_dir):
+    assert_objectives_start_at_their_initial_values(load_stack(flow_dir), torch.randn(2, 16, 16, 16),
+                                                    torch.randn(2, 16, 16, 16), PROMPTS, beta=5000.0)
+
+
+def assert_objectives_start_at_their_initial_values(stack, latents_w, latents_l, prompts, beta: float) -> None:
+    """With a fresh LoRA (B = 0) policy and reference give equal errors on a flow model's pairs, so every
+    objective of ``diffusion_dpo`` is at its initial value; shared by every flow family's tests."""
     from diffpo.config import ObjectiveConfig
     from diffpo.models.lora import attach_lora
     from diffpo.models.reference import AdaptersDisabledReference
     from diffpo.objectives import METHODS
 
-    stack = load_stack(flow_dir)
     attach_lora(stack.unet, 4, None, 0.0, None, family=stack.family)
     process = stack.noise_process
-    latents_w, latents_l = torch.randn(2, 16, 16, 16), torch.randn(2, 16, 16, 16)
     noise, t = process.draw(latents_w, PairStreams(0, 0, [0, 1]))
     noised = noise_pairs(process, latents_w, latents_l, noise, t)
     target = process.target(noised.latents, noised.noise, noised.timesteps)
-    cond = stack.family.unet_conditioning(stack.encode_prompts(PROMPTS).repeat_pairs())
+    cond = stack.family.unet_conditioning(stack.encode_prompts(prompts).repeat_pairs())
     errors = pair_errors(stack.denoiser(), AdaptersDisabledReference(stack.unet, stack.denoiser), noised, cond, target)
     assert torch.equal(errors.policy_w, errors.ref_w) and torch.equal(errors.policy_l, errors.ref_l)
     assert not torch.equal(errors.policy_w, errors.policy_l)
     batch = {"score_w": torch.full((2,), 0.3), "score_l": torch.full((2,), 0.3)}
-    beta = 5000.0
     for name, at_init in [("dpo", LOG2), ("robust_dpo", LOG2), ("cdpo", LOG2), ("madpo", LOG2), ("kto", 0.5),
                           ("hinge", 1.0), ("ipo", 1 / (4 * beta ** 2))]:
         loss, metrics = METHODS["diffusion_dpo"].loss(errors, ObjectiveConfig(name=name, beta=beta), batch)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from diffpo.config import ConfigError, TrainConfig, load_config
-from diffpo.kernel.denoising import PairStreams, noise_pairs, pair_errors
+from diffpo.kernel.denoising import PairStreams, noise_pairs
 from diffpo.models.loading import load_stack
 
 LOG2 = math.log(2)
@@ -162,29 +162,10 @@ def test_5d_flow_noising_shares_noise_and_sigma_per_pair_across_frames(tiny_wan_
 
 
 def test_every_objective_starts_at_its_initial_value_on_wan(tiny_wan_dir):
-    from diffpo.config import ObjectiveConfig
-    from diffpo.models.lora import attach_lora
-    from diffpo.models.reference import AdaptersDisabledReference
-    from diffpo.objectives import METHODS
+    from test_flow_models import assert_objectives_start_at_their_initial_values
 
-    stack = load_stack(tiny_wan_dir)
-    attach_lora(stack.unet, 4, None, 0.0, None, family=stack.family)
-    process = stack.noise_process
-    latents_w, latents_l = _latents(2, 0), _latents(2, 1)
-    noise, t = process.draw(latents_w, PairStreams(0, 0, [0, 1]))
-    noised = noise_pairs(process, latents_w, latents_l, noise, t)
-    target = process.target(noised.latents, noised.noise, noised.timesteps)
-    cond = stack.family.unet_conditioning(stack.encode_prompts(PROMPTS).repeat_pairs())
-    errors = pair_errors(stack.denoiser(), AdaptersDisabledReference(stack.unet, stack.denoiser), noised, cond, target)
-    assert torch.equal(errors.policy_w, errors.ref_w) and torch.equal(errors.policy_l, errors.ref_l)
-    assert not torch.equal(errors.policy_w, errors.policy_l)
-    batch = {"score_w": torch.full((2,), 0.3), "score_l": torch.full((2,), 0.3)}
-    beta = 500.0
-    for name, at_init in [("dpo", LOG2), ("robust_dpo", LOG2), ("cdpo", LOG2), ("madpo", LOG2), ("kto", 0.5),
-                          ("hinge", 1.0), ("ipo", 1 / (4 * beta ** 2))]:
-        loss, metrics = METHODS["diffusion_dpo"].loss(errors, ObjectiveConfig(name=name, beta=beta), batch)
-        assert loss.tolist() == pytest.approx([at_init] * 2, rel=1e-6), name
-        assert metrics["implicit_acc"].item() == 0.5
+    assert_objectives_start_at_their_initial_values(load_stack(tiny_wan_dir), _latents(2, 0), _latents(2, 1), PROMPTS,
+                                                    beta=500.0)
 
 
 # ---- sizes the VAE and transformer cannot take -----------------------------------------------------
