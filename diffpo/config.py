@@ -281,6 +281,7 @@ class OnlineConfig:
     adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip] (NFT: r = clip(A) / (2 adv_clip) + 1/2)
     window_size: int | None = None  # MixGRPO: only this many consecutive steps are stochastic (and trained), the rest ODE (null: off)
     window_stride: int = 1  # window_size: the window moves this many steps per round (wrapping around)
+    share_initial_noise: bool = False  # DanceGRPO: a group's G samples share x_T and differ only by the sampler's noise
 
     def __post_init__(self):
         for name in ("prompts_per_round", "inner_epochs", "num_inference_steps", "pool_every", "replay_size",

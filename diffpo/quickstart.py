@@ -58,7 +58,7 @@ class QuickstartConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.share_initial_noise and self.sample_eta == 0:
+        if self.share_initial_noise and self.sample_eta == 0 and self.method not in ONLINE_RL:  # those: their sampler's noise
             raise ConfigError("sample_eta=0 with share_initial_noise=true gives identical candidates: raise "
                               "sample_eta or set share_initial_noise=false")
         if self.heldout_prompts < 1:
@@ -156,7 +156,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         prompt_file.write_text("\n".join(train_captions) + "\n")
         online = dataclasses.replace(online, prompts=str(prompt_file.resolve()), rewards=[config.reward],
                                      gold_rewards=[name for name in config.check_rewards if name != config.reward],
-                                     samples_per_prompt=config.samples_per_prompt, num_inference_steps=config.sample_steps)
+                                     samples_per_prompt=config.samples_per_prompt, num_inference_steps=config.sample_steps,
+                                     share_initial_noise=config.share_initial_noise)
     if config.method == "d3po":  # its rounds are the quickstart's candidates, for the training captions only
         prompt_file = run_dir / "train_captions.txt"
         prompt_file.write_text("\n".join(train_captions) + "\n")

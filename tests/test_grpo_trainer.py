@@ -148,6 +148,20 @@ def test_reward_hacking_is_caught_on_the_bundled_model(tmp_path):
     assert last["reward/jpeg-incompressibility"] > first["reward/jpeg-incompressibility"]
 
 
+def test_shared_initial_noise_gives_a_group_one_x_T_and_distinct_samples(tmp_path):
+    """online.share_initial_noise (DanceGRPO): the G samples of a group start from one x_T and differ
+    only through the sampler's noise; groups of different prompts start from different x_T."""
+    from diffpo.serialization import load_state_file
+
+    run_dir = run_training(rl_config(tmp_path, "grpo", max_steps=1, online__share_initial_noise=True))
+    stored = load_state_file(run_dir / "rounds" / "round-0000" / "samples-p0.safetensors")
+    x_T = stored["latents"][0].view(2, 4, -1)  # (prompts, G, latent dims)
+    assert torch.equal(x_T[0], x_T[0, :1].expand_as(x_T[0])) and torch.equal(x_T[1], x_T[1, :1].expand_as(x_T[1]))
+    assert not torch.equal(x_T[0, 0], x_T[1, 0])
+    final = stored["final"].view(2, 4, -1)
+    assert (final[:, 0] - final[:, 1]).abs().amax(dim=1).min() > 1e-3  # the eta noise separates the group
+
+
 def test_rl_config_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="gold reward is one the run never trains on"):
         rl_config(tmp_path, "grpo", online__gold_rewards=["jpeg-compressibility"])
@@ -155,6 +169,8 @@ def test_rl_config_errors_are_one_line(tmp_path):
         rl_config(tmp_path, "grpo", online__reward_weights=[1.0, 2.0])
     with pytest.raises(ConfigError, match="needs a stochastic sampler"):
         run_training(rl_config(tmp_path, "grpo", online__eta=0.0))
+    with pytest.raises(ConfigError, match="G identical samples per group"):
+        run_training(rl_config(tmp_path, "nft", online__share_initial_noise=True))
     with pytest.raises(ConfigError, match="exceeds the 8 samples"):
         run_training(rl_config(tmp_path, "nft", train_batch_size=16))
 

@@ -161,6 +161,10 @@ def _train(config: TrainConfig) -> Path:
         raise ConfigError(f"method={config.method} needs a stochastic sampler with a log-probability per step; "
                           f"{sampler.spec.describe()} has none: on DDPM models set online.eta > 0, on flow models "
                           "online.sampler.name=flow_sde, dance_sde or cps with noise_level > 0 (method=nft trains on any sampler)")
+    if online.share_initial_noise and not sampler.stochastic:
+        raise ConfigError(f"online.share_initial_noise=true with {sampler.spec.describe()} gives G identical samples per group: "
+                          "use a stochastic sampler (online.eta > 0 on DDPM models, online.sampler.name=flow_sde, dance_sde "
+                          "or cps on flow models) or set online.share_initial_noise=false")
     if stack.is_video:
         raise ConfigError(f"method={config.method} trains image models; {stack.source} is a video model")
     lora = config.finetune == "lora"
@@ -241,7 +245,11 @@ def _train(config: TrainConfig) -> Path:
         prompts = [prompt_set[i] for i in picks]
         generator = step_generator(config.seed + ROUND_SEED_OFFSET, index, 1 + accelerator.process_index)
         n = len(prompts) * local_g
-        x_T = torch.randn((n, *latent_shape), generator=generator).to(accelerator.device, weight_dtype)
+        if online.share_initial_noise:  # DanceGRPO: drawn from the shared stream, so a group split over processes shares it too
+            x_T = torch.randn((len(prompts), *latent_shape), generator=shared).repeat_interleave(local_g, dim=0)
+        else:
+            x_T = torch.randn((n, *latent_shape), generator=generator)
+        x_T = x_T.to(accelerator.device, weight_dtype)
         local_prompts = [p for p in prompts for _ in range(local_g)]
         text = stack.encode_prompts(prompts).select(torch.arange(len(prompts)).repeat_interleave(local_g))
         window = "config"  # the sampler's own (online.sampler.window), or MixGRPO's window of this round
