@@ -185,6 +185,9 @@ class ObjectiveConfig:
     # SmPO: which model inverts x_0 (policy: the official code, a target that moves with training;
     # reference: a fixed trajectory, docs/methods.md "SmPO's fragility")
     inversion_model: Literal["policy", "reference"] = "policy"
+    # SePPO: the anchor-based adaptive flip (AAF); false: the pool reference's sample is always the loser
+    # (the paper's ablation without AAF)
+    adaptive_flip: bool = True
     margin: float = 0.001  # Diffusion-DRO: the hinge margin m
     kl_coef: float = 0.04  # GRPO / DDPO / NFT: weight of the KL to the base model (Flow-GRPO: 0.04; 0: no reference forward)
     nft_beta: float = 1.0  # DiffusionNFT: the trust region b of v+ = (1 - b) v_old + b v_theta (official: 1.0 or 0.1)

@@ -46,6 +46,11 @@ def test_aaf_sign_rule_on_hand_made_errors():
     expected = [math.log1p(math.exp(0.5 * beta * -0.3)), math.log1p(math.exp(0.5 * beta * 0.3))]
     assert loss.tolist() == pytest.approx(expected, rel=1e-5)
     assert metrics["flip_rate"].item() == 0.5
+    # without the flip, pair 1 is a plain Diffusion-DPO pair too: inner = sigma_w - sigma_r = 0.1 - 0.2
+    loss, metrics = aaf_loss(torch.tensor([0.4, 0.6]), torch.tensor([0.5, 0.5]), torch.tensor([0.7, 0.7]),
+                             torch.tensor([0.5, 0.5]), beta=beta, adaptive_flip=False)
+    assert loss.tolist() == pytest.approx([expected[0], math.log1p(math.exp(0.5 * beta * -0.1))], rel=1e-5)
+    assert metrics["flip_rate"].item() == 0.0
 
 
 def test_aaf_is_log2_at_initialisation():

@@ -19,13 +19,17 @@ import torch
 import torch.nn.functional as F
 
 
-def aaf_loss(policy_err_w, ref_err_w, policy_err_r, ref_err_r, beta: float = 5000.0) -> tuple[torch.Tensor, dict]:
-    """Per-pair SePPO loss (B,) and metrics, including ``flip_rate`` (share of pairs in the second case)."""
+def aaf_loss(policy_err_w, ref_err_w, policy_err_r, ref_err_r, beta: float = 5000.0,
+             adaptive_flip: bool = True) -> tuple[torch.Tensor, dict]:
+    """Per-pair SePPO loss (B,) and metrics, including ``flip_rate`` (share of pairs in the second case).
+    ``adaptive_flip=False`` keeps every pair in the first case (x_r always the loser: SePPO without AAF)."""
     if beta <= 0:
         raise ValueError(f"beta={beta} must be > 0")
     sigma_w = policy_err_w - ref_err_w
     sigma_r = policy_err_r - ref_err_r
     anchor_ok = sigma_w.detach() < 0  # the branch is a decision, not something to differentiate
+    if not adaptive_flip:
+        anchor_ok = torch.ones_like(anchor_ok)
     inner = torch.where(anchor_ok, sigma_w - sigma_r, sigma_w + sigma_r)
     loss = -F.logsigmoid(-0.5 * beta * inner)
     with torch.no_grad():

@@ -382,7 +382,8 @@ def _train(config: TrainConfig) -> Path:
         noised = noise_pairs(process, latents_w, latents_r, noise, timesteps)
         target = process.target(noised.latents, noised.noise, noised.timesteps)
         errors = pair_errors(policy, reference, noised, conditioning(text.repeat_pairs()), target)
-        loss, metrics = aaf_loss(errors.policy_w, errors.ref_w, errors.policy_l, errors.ref_l, config.objective.beta)
+        loss, metrics = aaf_loss(errors.policy_w, errors.ref_w, errors.policy_l, errors.ref_l, config.objective.beta,
+                                 config.objective.adaptive_flip)
         loss = loss.mean()
         backward(loss * scale, sync)
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
