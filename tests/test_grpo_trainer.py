@@ -148,6 +148,25 @@ def test_reward_hacking_is_caught_on_the_bundled_model(tmp_path):
     assert last["reward/jpeg-incompressibility"] > first["reward/jpeg-incompressibility"]
 
 
+@pytest.mark.parametrize("method", ["grpo", "nft"])
+def test_full_fine_tuning_keeps_a_frozen_base_and_old_policy(tmp_path, method):
+    """finetune=full: the KL's base and NFT's v_old are frozen copies; the first round's KL is 0 (the
+    policy is the base), the UNet moves, and the export is a whole UNet."""
+    run_dir = run_training(rl_config(tmp_path, method, finetune="full", max_steps=2, optim__lr=1e-4))
+    first, second = metrics(run_dir)
+    assert first["kl"] == 0.0 and second["kl"] > 0
+    if method == "nft":  # v_old is the round's sampling policy: at the first step the policy itself
+        assert first["old_deviation"] == 0.0
+    from diffusers import UNet2DConditionModel
+
+    from diffpo.models.loading import resolve_source
+
+    trained = UNet2DConditionModel.from_pretrained(run_dir / "final" / "unet")
+    base = UNet2DConditionModel.from_pretrained(resolve_source("tiny"), subfolder="unet")
+    moved = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values())]
+    assert any(moved)
+
+
 def test_shared_initial_noise_gives_a_group_one_x_T_and_distinct_samples(tmp_path):
     """online.share_initial_noise (DanceGRPO): the G samples of a group start from one x_T and differ
     only through the sampler's noise; groups of different prompts start from different x_T."""
