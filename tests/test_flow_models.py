@@ -353,8 +353,8 @@ def test_eval_samples_flow_pipelines_on_fixed_seeds_and_a_fresh_lora_equals_the_
 
 
 def test_flow_quickstart_preset_runs_end_to_end(tmp_path, tiny_sd3_dir):
-    """configs/quickstart_flow.yaml (deterministic flow sampling: one x_T per candidate), shortened,
-    on a random tiny SD3 in place of the bundled flow model: pairs, training from log 2, report."""
+    """configs/quickstart_flow.yaml (candidates sharing x_T through the flow SDE, sigma drawn uniformly),
+    shortened, on a random tiny SD3 in place of the bundled flow model: pairs, training, report."""
     from diffpo.config import load_config
     from diffpo.quickstart import QuickstartConfig, default_config_path, run_quickstart
 
@@ -367,5 +367,9 @@ def test_flow_quickstart_preset_runs_end_to_end(tmp_path, tiny_sd3_dir):
     metrics = _metrics(tmp_path / "qs" / "train")
     assert metrics[0]["step"] == 2 and math.isfinite(metrics[0]["loss"])
     summary = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
-    assert summary["reward"] == "colour-match" and 0.0 <= summary["win_rate"]["mean"] <= 1.0
+    assert summary["reward"] == "jpeg-compressibility" and 0.0 <= summary["win_rate"]["mean"] <= 1.0
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "qs" / "train" / "config.yaml").read_text())
+    assert saved["model"]["timestep_sampling"] == "uniform"
     assert (tmp_path / "qs" / "train" / "final" / "pytorch_lora_weights.safetensors").is_file()
