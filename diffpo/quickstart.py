@@ -50,6 +50,7 @@ class QuickstartConfig:
     min_margin: float = 0.0  # pairs whose rewards differ by no more than this are ties (dropped)
     sample_steps: int = 20
     sample_eta: float = 1.0  # DDIM eta of the candidates; flow models: the flow SDE's noise level (Flow-GRPO's a)
+    sample_window: list[int] | None = None  # flow SDE candidates: only steps [start, end) stochastic, the rest Euler (null: all)
     guidance_scale: float = 5.0
     eval_seeds_per_prompt: int = 2  # new seeds per evaluated caption for before/after
     eval_steps: int = 25
@@ -287,9 +288,9 @@ def _render_winners(config: QuickstartConfig, captions: list[str], resolution: i
 
 def _sample_flow_sde(config: QuickstartConfig, stack, prompts: list[str], x_T: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] of a flow model from ``x_T`` through the flow SDE of Flow-GRPO (noise level
-    ``sample_eta``, classifier-free guidance as the evaluation): a flow pipeline's Euler sampler is
-    deterministic, so candidates that share x_T differ only through this step noise (as a UNet's
-    candidates do through DDIM eta)."""
+    ``sample_eta``, classifier-free guidance as the evaluation; stochastic only in ``sample_window``
+    when set): a flow pipeline's Euler sampler is deterministic, so candidates that share x_T differ
+    only through this step noise (as a UNet's candidates do through DDIM eta)."""
     from diffpo.kernel.samplers import make_sampler
     from diffpo.models.families import TextEmbeddings
 
@@ -304,7 +305,7 @@ def _sample_flow_sde(config: QuickstartConfig, stack, prompts: list[str], x_T: t
         with torch.no_grad():
             trajectory = sampler.sample(denoise, x_T[start:start + n], stack.family.unet_conditioning(stack.encode_prompts(batch)),
                                         stack.family.unet_conditioning(uncond), config.guidance_scale, config.sample_steps,
-                                        generator)
+                                        generator, window=config.sample_window)
             images.append(stack.decode_latents(trajectory.final))
     return torch.cat(images)
 
@@ -324,7 +325,11 @@ def _sample_pairs(config: QuickstartConfig, pipe, stack, shape: tuple, reward, c
     else:
         x_T = initial_latents([config.seed * 100_000 + 70_000 + i for i in range(len(prompts))], shape)
     eta_seeds = [config.seed * 100_000 + 50_000 + i for i in range(len(prompts))]
-    if stack.prediction_type == "flow" and config.sample_eta > 0:
+    flow_sde = stack.prediction_type == "flow" and config.sample_eta > 0
+    if config.sample_window is not None and not flow_sde:
+        raise ConfigError(f"sample_window={config.sample_window} applies to flow-SDE candidates (a flow model with "
+                          "sample_eta > 0); set sample_window=null")
+    if flow_sde:
         images = _sample_flow_sde(config, stack, prompts, x_T)
     else:
         images = generate(pipe, prompts, eta_seeds, config.sample_steps, config.guidance_scale, eta=config.sample_eta,
