@@ -46,8 +46,8 @@ def test_rl_quickstart_presets_run_end_to_end(tmp_path, method, model):
 @pytest.mark.slow
 @pytest.mark.parametrize("method,model", [("grpo", "tiny"), ("nft", "tiny"), ("grpo", "flow"), ("nft", "flow")])
 def test_rl_quickstart_moves_the_reward_and_keeps_the_gold(tmp_path, method, model):
-    """The shipped preset at full length (measured on held-out captions, docs/methods.md: GRPO 0.904
-    [0.850, 0.954] and NFT 0.708 [0.625, 0.792] on the UNet; Flow-GRPO 0.738 [0.662, 0.812] and NFT
+    """The shipped preset at full length (measured on held-out captions, docs/methods.md: GRPO 0.900
+    [0.846, 0.950] and NFT 0.708 [0.625, 0.792] on the UNet; Flow-GRPO 0.717 [0.642, 0.792] and NFT
     0.708 [0.629, 0.783] on the flow model)."""
     out = tmp_path / f"{method}-{model}"
     result = subprocess.run([sys.executable, "-m", "diffpo", "quickstart", f"method={method}", f"model={model}",
