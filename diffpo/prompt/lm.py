@@ -257,20 +257,32 @@ def generate_rewrites(model, tokenizer, prompts: list[str], n: int = 4, template
         raise ValueError(f"n={n} must be >= 1")
     if temperature < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
-    template = template or RewriteTemplate()
-    greedy = temperature == 0
+    rows = rewrite_rows(tokenizer, prompts, template or RewriteTemplate(), n, temperature, top_p, max_new_tokens, seed)
+    texts = sample_in_batches(model, tokenizer, rows, max(batch_size, 1) * (1 if temperature == 0 else n))
+    return group_rewrites(texts, len(prompts), n, temperature == 0)
+
+
+def rewrite_rows(tokenizer, prompts: list[str], template: RewriteTemplate, n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[SampleRow]:
+    """The rows to sample for ``n`` rewrites of each prompt (one row per prompt when greedy), row j of
+    prompt i seeded ``row_seed(seed, i, j)``, prompt by prompt."""
+    per = 1 if temperature == 0 else n
+    return [SampleRow(text, row_seed(seed, i, j), temperature, top_p, max_new_tokens)
+            for i, text in enumerate(render_inputs(tokenizer, prompts, template)) for j in range(per)]
+
+
+def sample_in_batches(model, tokenizer, rows: list[SampleRow], max_rows: int) -> list[str]:
+    """``sample_rows`` over ``rows`` in batches of at most ``max_rows`` (the result does not depend on it)."""
+    step = max(int(max_rows), 1)
+    return [text for start in range(0, len(rows), step) for text in sample_rows(model, tokenizer, rows[start:start + step])]
+
+
+def group_rewrites(texts: list[str], prompts: int, n: int, greedy: bool) -> list[list[str]]:
+    """Sampled completions (prompt by prompt, as ``rewrite_rows`` ordered them) -> ``n`` cleaned
+    rewrites per prompt (greedy: the one completion repeated ``n`` times)."""
     per = 1 if greedy else n
-    inputs = render_inputs(tokenizer, prompts, template)
-    rows = [SampleRow(text, row_seed(seed, i, j), temperature, top_p, max_new_tokens)
-            for i, text in enumerate(inputs) for j in range(per)]
-    texts = []
-    for start in range(0, len(rows), max(batch_size, 1) * per):
-        texts.extend(sample_rows(model, tokenizer, rows[start:start + max(batch_size, 1) * per]))
-    results = []
-    for i in range(len(prompts)):
-        group = [clean_rewrite(t) for t in texts[i * per:(i + 1) * per]]
-        results.append(group * n if greedy else group)
-    return results
+    groups = [[clean_rewrite(t) for t in texts[i * per:(i + 1) * per]] for i in range(prompts)]
+    return [group * n for group in groups] if greedy else groups
 
 
 @dataclass(frozen=True)

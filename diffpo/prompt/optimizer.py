@@ -116,6 +116,11 @@ class OptimizeJob:
     include_original: bool = False
     rerank: Any = None  # None: the optimizer's configured reranker (if any); False: none; a Reranker / tuple
 
+    @property
+    def rows(self) -> int:
+        """LM rows this job samples: one per prompt when greedy, else ``n`` per prompt."""
+        return len(self.prompts) * (1 if self.temperature == 0 else self.n)
+
 
 class PromptOptimizer:
     """A rewriter LM with its tokenizer and template, and optionally a configured ``reranker`` that
@@ -170,26 +175,21 @@ class PromptOptimizer:
         """Several ``optimize`` calls at once: every job's sampled rows go through the LM together
         (``max_rows`` per forward batch), each row with its own seed, so each job gets exactly what
         ``optimize`` alone gives it; then each job's candidates are re-ranked as it asks."""
-        from diffpo.prompt.lm import SampleRow, clean_rewrite, render_inputs, row_seed, sample_rows
+        from diffpo.prompt.lm import group_rewrites, rewrite_rows, sample_in_batches
 
-        rows, layout = [], []
+        rows, offsets = [], []
         for job in jobs:
-            per = 1 if job.temperature == 0 else job.n
-            layout.append((len(rows), per))
-            for i, text in enumerate(render_inputs(self.tokenizer, job.prompts, self.template)):
-                rows.extend(SampleRow(text, row_seed(job.seed, i, j), job.temperature, job.top_p, job.max_new_tokens)
-                            for j in range(per))
-        texts = []
-        for start in range(0, len(rows), max(int(max_rows), 1)):
-            texts.extend(sample_rows(self.model, self.tokenizer, rows[start:start + max(int(max_rows), 1)]))
+            offsets.append(len(rows))
+            rows.extend(rewrite_rows(self.tokenizer, job.prompts, self.template, job.n, job.temperature, job.top_p,
+                                     job.max_new_tokens, job.seed))
+        texts = sample_in_batches(self.model, self.tokenizer, rows, max_rows)
         results = []
-        for job, (offset, per) in zip(jobs, layout):
+        for job, offset in zip(jobs, offsets):
             reranker = self.reranker if job.rerank is None or (job.rerank is True and self.reranker) \
                 else as_reranker(job.rerank)
+            groups = group_rewrites(texts[offset:offset + job.rows], len(job.prompts), job.n, job.temperature == 0)
             job_results = []
-            for i, prompt in enumerate(job.prompts):
-                group = [clean_rewrite(t) for t in texts[offset + i * per:offset + (i + 1) * per]]
-                group = group * job.n if per == 1 else group
+            for prompt, group in zip(job.prompts, groups):
                 candidates = [Candidate(t) for t in ([prompt] if job.include_original else []) + group]
                 if reranker is not None:
                     candidates = self._ranked(prompt, candidates, reranker)
@@ -228,7 +228,6 @@ def as_reranker(reranker) -> Reranker | None:
     if reranker is True:
         raise ValueError("rerank=True needs a configured reranker: pass PromptOptimizer(..., reranker=Reranker(...)) "
                          "or rerank=Reranker(pipeline, reward_head)")
-        return reranker
     if isinstance(reranker, tuple) and len(reranker) == 2:
         return Reranker(*reranker)
     raise ValueError(f"reranker must be a Reranker or a (pipeline, reward_head) tuple, got {type(reranker).__name__}")

@@ -227,10 +227,6 @@ class RequestBatcher:
             raise slot["error"]
         return slot["result"]
 
-    @staticmethod
-    def rows(job) -> int:
-        return len(job.prompts) * (1 if job.temperature == 0 else job.n)
-
     def _run(self):
         import queue
 
@@ -238,18 +234,18 @@ class RequestBatcher:
         while True:
             first = pending or self.queue.get()
             pending = None
-            batch, rows = [first], self.rows(first[0])
+            batch, rows = [first], first[0].rows
             deadline = time.monotonic() + self.window_s
             while rows < self.max_rows:
                 try:
                     item = self.queue.get(timeout=max(deadline - time.monotonic(), 0.0))
                 except queue.Empty:
                     break
-                if rows + self.rows(item[0]) > self.max_rows:
+                if rows + item[0].rows > self.max_rows:
                     pending = item  # starts the next batch
                     break
                 batch.append(item)
-                rows += self.rows(item[0])
+                rows += item[0].rows
             try:
                 results = self.optimizer.optimize_jobs([job for job, _ in batch], max_rows=self.max_rows)
                 for (_, slot), result in zip(batch, results):

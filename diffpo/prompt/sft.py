@@ -32,7 +32,7 @@ def train_sft(rewriter: str, template, examples: list[tuple[str, str]], out_dir:
     from tqdm import tqdm
 
     from diffpo.prompt.config import PromptLoraConfig
-    from diffpo.prompt.lm import completion_batch, load_rewriter, render_inputs, write_rewriter_meta
+    from diffpo.prompt.lm import REWRITER_FILE, completion_batch, load_rewriter, render_inputs, write_rewriter_meta
     from diffpo.prompt.train import attach_rewriter_lora, batch_indices
 
     if not examples:
@@ -41,7 +41,7 @@ def train_sft(rewriter: str, template, examples: list[tuple[str, str]], out_dir:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
     out = Path(out_dir)
     final = out / "final"
-    if (final / "diffpo_rewriter.json").is_file():
+    if (final / REWRITER_FILE).is_file():
         return final
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
