@@ -21,7 +21,7 @@ from diffpo.prompt.lm import (
     render_inputs,
     sequence_logprobs,
 )
-from diffpo.prompt.semantic import semantic_weights
+from diffpo.prompt.semantic import mean_weight_scale, semantic_weights
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny LM ops: threads only spin
@@ -42,6 +42,17 @@ def test_semantic_weights_match_hand_values():
     assert torch.equal(semantic_weights(cos, alpha=0.0), torch.ones(4))
     with pytest.raises(ValueError, match="alpha"):
         semantic_weights(cos, alpha=-1.0)
+
+
+def test_mean_weight_scale_makes_the_mean_weight_one():
+    cos = [1.0, 0.5, 0.0]
+    assert mean_weight_scale(cos, alpha=2.0) == pytest.approx(3.0 / (1.0 + math.exp(-1.0) + math.exp(-2.0)))
+    assert mean_weight_scale(cos, alpha=0.0) == 1.0
+    # at large alpha the raw weights are tiny, the normalised ones are not
+    scale = mean_weight_scale([0.4, 0.5], alpha=30.0)
+    assert (scale * semantic_weights(torch.tensor([0.4, 0.5]), alpha=30.0)).mean().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="empty"):
+        mean_weight_scale([], alpha=1.0)
 
 
 def test_semdpo_loss_is_weighted_dpo():

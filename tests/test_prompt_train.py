@@ -102,12 +102,17 @@ def test_exported_rewriter_loads_back_with_the_trained_logprobs(straight_run):
 
 
 def test_semantic_weights_and_accumulation(tmp_path):
-    run_dir = train_rewriter(config(tmp_path, "semdpo", alpha=2.0, max_steps=1, gradient_accumulation_steps=2,
-                                    train_batch_size=1, lora={"rank": 2}))
-    record = metrics(run_dir)[0]
-    assert record["dpo_loss"] == LOG2
-    assert 0.0 < record["weight_mean"] < 1.0
-    assert record["loss"] == pytest.approx(LOG2 * record["weight_mean"], rel=1e-6)
+    settings = {"alpha": 2.0, "max_steps": 1, "gradient_accumulation_steps": 2, "train_batch_size": 1,
+                "lora": {"rank": 2}}
+    raw = metrics(train_rewriter(config(tmp_path, "raw", normalize_weights=False, **settings)))[0]
+    assert raw["dpo_loss"] == LOG2
+    assert 0.0 < raw["weight_mean"] < 1.0  # the paper's W = exp(-2 (1 - cos)) with cos in 0.5..0.9
+    assert raw["loss"] == pytest.approx(LOG2 * raw["weight_mean"], rel=1e-6)
+    # normalised (the default): every W divided by its mean over the file's five pairs, by hand
+    scaled = metrics(train_rewriter(config(tmp_path, "scaled", **settings)))[0]
+    file_mean = sum(math.exp(-2.0 * (1.0 - (0.9 - 0.1 * i))) for i in range(5)) / 5
+    assert scaled["weight_mean"] == pytest.approx(raw["weight_mean"] / file_mean, rel=1e-6)
+    assert scaled["loss"] == pytest.approx(LOG2 * scaled["weight_mean"], rel=1e-6)
 
 
 def test_bad_pairs_files_name_the_line(tmp_path):

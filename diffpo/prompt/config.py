@@ -74,6 +74,7 @@ class PromptTrainConfig:
     lora: PromptLoraConfig = field(default_factory=PromptLoraConfig)
     beta: float = 0.1  # DPO's beta on sequence log-ratios (Rafailov et al. 2023)
     alpha: float = 1.0  # Sem-DPO: W = exp(-alpha (1 - cos)); 0: plain DPO
+    normalize_weights: bool = True  # divide W by its mean over the pairs file (a constant: same minimiser)
     optim: PromptOptimConfig = field(default_factory=PromptOptimConfig)
     train_batch_size: int = 8  # pairs per device per micro-step
     gradient_accumulation_steps: int = 1

@@ -61,3 +61,12 @@ def semantic_weights(cosine: torch.Tensor, alpha: float) -> torch.Tensor:
         raise ValueError(f"alpha={alpha} must be >= 0")
     cosine = torch.as_tensor(cosine, dtype=torch.float32)
     return torch.exp(-alpha * (1.0 - cosine))
+
+
+def mean_weight_scale(cosines: list[float], alpha: float) -> float:
+    """1 / mean W over a whole pairs file. Multiplying every pair's W by this constant leaves the
+    Sem-DPO objective and its minimiser unchanged, but keeps the loss on DPO's scale for any α: at
+    α = 30 and cos ≈ 0.45 the raw weights are ~1e-7, and Adam's ε would then shrink every step."""
+    if not cosines:
+        raise ValueError("no cosines: the pairs file is empty")
+    return float(1.0 / semantic_weights(torch.tensor(cosines), alpha).mean())

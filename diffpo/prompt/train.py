@@ -102,10 +102,12 @@ def _train(config: PromptTrainConfig) -> Path:
     from diffpo.models.lora import register_lora_checkpointing
     from diffpo.objectives.semdpo import semdpo_loss
     from diffpo.prompt.lm import completion_batch, load_rewriter, render_inputs, sequence_logprobs
-    from diffpo.prompt.semantic import semantic_weights
+    from diffpo.prompt.semantic import mean_weight_scale, semantic_weights
 
     # ---- set-up -------------------------------------------------------------------------------
     pairs = read_pairs(config.pairs, need_cosine=config.alpha > 0, max_pairs=config.max_pairs)
+    weight_scale = (mean_weight_scale([p["cos_chosen"] for p in pairs], config.alpha)
+                    if config.alpha > 0 and config.normalize_weights else 1.0)
     # Accumulation is done by hand below (no_sync + a scaled loss), so accelerate counts no micro-steps
     # of its own and resume needs nothing but (global_step, micro_step).
     accelerator = make_accelerator(config, 1)
@@ -154,7 +156,7 @@ def _train(config: PromptTrainConfig) -> Path:
         logp_w, logp_l = logp.chunk(2)
         ref_w, ref_l = ref_logp.chunk(2)
         cosine = torch.tensor([p["cos_chosen"] for p in batch], device=accelerator.device)
-        weights = semantic_weights(cosine, config.alpha).to(accelerator.device)
+        weights = weight_scale * semantic_weights(cosine, config.alpha).to(accelerator.device)
         per_pair, metrics = semdpo_loss(logp_w, logp_l, ref_w, ref_l, weights, beta=config.beta)
         return per_pair.mean(), metrics
 
