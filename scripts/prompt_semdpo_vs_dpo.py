@@ -39,12 +39,25 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=120, help="held-out requests to evaluate on")
     parser.add_argument("--out", required=True)
     parser.add_argument("--figure", default=None, help="PNG to write the figure to")
+    parser.add_argument("--pairing", choices=["best_worst", "all"], default=None,
+                        help="rebuild the pairs from round 0's candidates (default: the run's own pairs.jsonl)")
+    parser.add_argument("--margin", type=float, default=0.0, help="with --pairing: ties closer than this are dropped")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of every arm (default: the run's)")
     args = parser.parse_args()
 
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quick = load_config(PromptQuickstartConfig, run / "config.yaml")
     base_train = load_config(PromptTrainConfig, run / "rounds" / "round-0" / "train" / "config.yaml")
+    reuse_round = args.pairing is None and args.steps is None  # the run's round-0 model is then one arm
+    if args.pairing is not None:
+        from diffpo.prompt.pairs import make_pairs
+
+        pairs_path = out / f"pairs-{args.pairing}.jsonl"
+        make_pairs(run / "rounds" / "round-0" / "candidates.jsonl", pairs_path, args.pairing, args.margin)
+        base_train = dataclasses.replace(base_train, pairs=str(pairs_path))
+    if args.steps is not None:
+        base_train = dataclasses.replace(base_train, max_steps=args.steps)
     heldout = load_requests("heldout", args.heldout)
     prompts = [r.prompt for r in heldout]
     specs = [parse_reward(r) for r in quick.rewards]
@@ -59,7 +72,7 @@ def main() -> None:
     timings = {}
     for alpha in args.alphas:
         name = f"alpha={alpha:g}" + (" (DPO)" if alpha == 0 else " (Sem-DPO)")
-        if alpha == base_train.alpha:
+        if reuse_round and alpha == base_train.alpha:
             arms[name] = str(run / "rounds" / "round-0" / "train" / "final")
             continue
         tick = time.time()
