@@ -55,7 +55,7 @@ def metrics(run_dir) -> list[dict]:
 
 def wan_config(tmp_path, method: str, model: str, prompts: str, **sections) -> TrainConfig:
     online = {"rewards": ["jpeg-compressibility"], "gold_rewards": [], "eta": 1.0,  # (DDIM's eta: unused on flow models)
-              "sampler": {"name": "flow_sde", "window": [0, 2]} if method == "grpo" else {"name": "ode"}}
+              "sampler": {"name": "ode"} if method == "nft" else {"name": "flow_sde", "window": [0, 2]}}
     online.update(sections.pop("online", {}))
     return video_config(tmp_path, method, model, prompts, WAN_FRAMES, data={"num_frames": WAN_FRAMES, "resolution": 32},
                         online=online, **sections)
@@ -198,10 +198,13 @@ def test_nft_on_the_bundled_video_model(tmp_path, motion_prompts):
 # ---- a tiny Wan2.1 pipeline (flow matching, causal 3-D VAE) ----------------------------------------
 
 
-def test_grpo_on_wan_with_the_flow_sde_window(tmp_path, tiny_wan_dir, motion_prompts):
+@pytest.mark.parametrize("method", ["grpo", "ddpo"])
+def test_grpo_and_ddpo_on_wan_with_the_flow_sde_window(tmp_path, tiny_wan_dir, motion_prompts, method):
+    """DDPO: the same loss, advantages from the per-prompt stat tracker (here below its minimum count:
+    normalised over the round)."""
     from diffusers import WanPipeline
 
-    config = wan_config(tmp_path, "grpo", tiny_wan_dir, motion_prompts)
+    config = wan_config(tmp_path, method, tiny_wan_dir, motion_prompts)
     run_dir = run_training(config)
     _first_grpo_step(run_dir)
     _check_round(run_dir, config, WAN_FRAMES, 2)
@@ -221,6 +224,28 @@ def test_nft_on_wan(tmp_path, tiny_wan_dir, motion_prompts):
     _check_export(tiny_wan_dir, run_dir, config, x, WanPipeline)
 
 
+# ---- ModelScope text-to-video (UNet3DConditionModel: full fine-tuning only) ---------------------------
+
+
+def test_grpo_fully_fine_tunes_a_modelscope_unet3d(tmp_path, motion_prompts):
+    """No LoRA in diffusers for ``UNet3DConditionModel``: the KL's base is a frozen copy, the first step
+    is on-policy with KL 0, the UNet moves and exports whole."""
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    from diffpo.models.tiny import build_tiny_text_to_video_components
+
+    model = tmp_path / "tiny-t2v"
+    TextToVideoSDPipeline(**build_tiny_text_to_video_components(seed=0)).save_pretrained(model)
+    config = video_config(tmp_path, "grpo", str(model), motion_prompts, ANIMATEDIFF_FRAMES, finetune="full",
+                          optim={"lr": 1e-4}, online={"rewards": ["jpeg-compressibility"], "gold_rewards": []})
+    run_dir = run_training(config)
+    _first_grpo_step(run_dir)
+    _check_round(run_dir, config, ANIMATEDIFF_FRAMES, ANIMATEDIFF_FRAMES)
+    trained = UNet3DConditionModel.from_pretrained(run_dir / "final" / "unet")
+    base = UNet3DConditionModel.from_pretrained(model, subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+
+
 # ---- what is still refused -------------------------------------------------------------------------
 
 
@@ -238,6 +263,7 @@ def test_video_settings_that_do_not_fit_are_one_line_errors(tmp_path, tiny_wan_d
 # ---- the quickstart preset ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_video_grpo_quickstart_preset_runs_end_to_end(tmp_path):
     """``diffpo quickstart model=video method=grpo`` picks ``quickstart_grpo_video.yaml`` (motion-match
     trained, colour-match gold, clips of 4 frames), shortened here."""
