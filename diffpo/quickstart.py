@@ -77,7 +77,8 @@ class QuickstartConfig:
 QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo.yaml", "dro": "quickstart_dro.yaml",
                       "smpo": "quickstart_smpo.yaml", "grpo": "quickstart_grpo.yaml", "nft": "quickstart_nft.yaml"}
 # a method's own preset on a model: these win over the model's and the method's
-METHOD_MODEL_PRESETS = {("grpo", "flow"): "quickstart_grpo_flow.yaml", ("nft", "flow"): "quickstart_nft_flow.yaml"}
+METHOD_MODEL_PRESETS = {("grpo", "flow"): "quickstart_grpo_flow.yaml", ("nft", "flow"): "quickstart_nft_flow.yaml",
+                        ("grpo", "video"): "quickstart_grpo_video.yaml"}
 ONLINE_RL = ("grpo", "ddpo", "nft")  # methods that sample and score their own rounds (as D3PO), from rewards
 MODEL_PRESETS = {"video": "quickstart_video.yaml", "flow": "quickstart_flow.yaml"}  # model presets, whatever the method
 QUICKSTART_MODELS = {"video": "tiny-video", "flow": "tiny-flow"}  # quickstart model names -> bundled models
@@ -145,6 +146,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     elif config.method != "d3po" and config.method not in ONLINE_RL:
         parquet, sampled = _sample_pairs(config, pipe, stack, shape, reward, train_captions, frames)
         data = {"data": dataclasses.replace(config.train.data, source=str(parquet), **video_data)}
+    elif video_data:  # GRPO / NFT sample their own clips of this many frames
+        data = {"data": dataclasses.replace(config.train.data, **video_data)}
 
     # 3. train
     online = config.train.online

@@ -189,6 +189,19 @@ class StableDiffusionFamily:
     def latent_channels(self, stack) -> int:
         return int(stack.unet.config.in_channels)
 
+    def latent_frames(self, vae, num_frames: int) -> int:
+        """Latent frames of a clip of ``num_frames`` frames (frame-by-frame VAEs: as many)."""
+        return num_frames
+
+    def latent_shape(self, stack, resolution: int, num_frames: int | None = None) -> tuple[int, ...]:
+        """A training sample's denoiser latents: (C, h, w) for an image of side ``resolution``, (C, F', h, w)
+        for a clip of ``num_frames`` frames (F' = ``latent_frames``: Wan's causal VAE keeps 1 + (F - 1) / 4)."""
+        side = resolution // self.vae_scale_factor(stack.vae)
+        channels = self.latent_channels(stack)
+        if num_frames is None:
+            return (channels, side, side)
+        return (channels, self.latent_frames(stack.vae, num_frames), side, side)
+
     default_sampler = "ddim"  # sampling.scheduler=auto
     sampler_names: tuple[str, ...] | None = None  # the eval samplers this family takes (None: every DDPM-family one)
 

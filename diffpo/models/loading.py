@@ -80,6 +80,11 @@ class DiffusionStack:
     def latent_channels(self) -> int:
         return self.family.latent_channels(self)
 
+    def latent_shape(self, resolution: int, num_frames: int | None = None) -> tuple[int, ...]:
+        """x_T's shape for one sample: (C, h, w) of an image of side ``resolution``, (C, F', h, w) of a clip
+        of ``num_frames`` frames (the family knows how many latent frames its VAE makes of them)."""
+        return self.family.latent_shape(self, resolution, num_frames)
+
     def denoiser(self, module=None):
         """The kernel's ``Denoiser`` over ``module`` (default: this stack's): (x_t, t, conditioning) -> prediction."""
         return self.family.denoiser(self.unet if module is None else module, self.guidance)

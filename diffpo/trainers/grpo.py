@@ -10,6 +10,12 @@ rewards combine into advantages A = sum_k w_k · groupnorm(r_k) (``diffpo.reward
 rewards (``online.gold_rewards``) are scored and logged, never trained on; the hacking guard stops
 the run when the gold mean falls while the trained mean rises.
 
+Video models (AnimateDiff, ModelScope, Wan) train the same way on clips of ``data.num_frames``
+frames: x_T is (C, F', h, w) (``stack.latent_shape``), every log-probability and error is a mean
+over all non-batch dims of the 5-D latents (the kernel's convention), the decoded clips
+(B, F, 3, H, W) go to the reward heads whole (``motion-match``, ``video-reward``) or frame by frame
+and averaged (image heads).
+
 Training on a round, per micro-step, ``train_batch_size`` of this process's samples:
 
 * **GRPO / DDPO** (``objectives.grpo``): the stored transitions of ``timestep_fraction`` of the
@@ -50,6 +56,7 @@ from diffpo.serialization import load_state_file, save_state_file
 from diffpo.trainers.common import (
     build_optimization,
     build_sampler,
+    check_frames,
     export_final,
     load_policy,
     make_accelerator,
@@ -165,8 +172,7 @@ def _train(config: TrainConfig) -> Path:
         raise ConfigError(f"online.share_initial_noise=true with {sampler.spec.describe()} gives G identical samples per group: "
                           "use a stochastic sampler (online.eta > 0 on DDPM models, online.sampler.name=flow_sde, dance_sde "
                           "or cps on flow models) or set online.share_initial_noise=false")
-    if stack.is_video:
-        raise ConfigError(f"method={config.method} trains image models; {stack.source} is a video model")
+    check_frames(config.data, stack)  # video models: clips of data.num_frames frames (Wan: 4k+1); image models: none
     lora = config.finetune == "lora"
     ref_dtype = reference_dtype(config, weight_dtype)
     # the base model for the KL term (none when kl_coef = 0); NFT's v_old: the policy that sampled the round
@@ -181,9 +187,10 @@ def _train(config: TrainConfig) -> Path:
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    resolution = stack.native_resolution
-    check_memory(config, stack, config.data.resolution or resolution, accelerator.device, weight_dtype.itemsize)
-    latent_shape = (stack.latent_channels, resolution // stack.vae_scale_factor, resolution // stack.vae_scale_factor)
+    resolution = config.data.resolution or stack.native_resolution
+    check_memory(config, stack, resolution, accelerator.device, weight_dtype.itemsize)
+    # x_T of one sample: (C, h, w), or (C, F', h, w) for a clip (the family maps frames to latent frames)
+    latent_shape = stack.latent_shape(resolution, config.data.num_frames)
     empty_text = stack.encode_prompts([""])
     try:
         prompt_set = [r.prompt for r in load_prompts(PromptSetConfig(
@@ -196,6 +203,10 @@ def _train(config: TrainConfig) -> Path:
         rewards = RewardSet.load(online.rewards, online.reward_weights, online.gold_rewards, online.reward_options)
     except ValueError as error:
         raise ConfigError(one_line(error)) from None
+    whole_clip = [name for name, head in rewards.heads.items() if head.scores_videos]
+    if whole_clip and not stack.is_video:
+        raise ConfigError(f"reward {whole_clip[0]!r} scores whole clips (B, F, 3, H, W); {stack.source} is an image model: "
+                          "use a video model or an image reward")
 
     optimizer, lr_schedule, lr = build_optimization(config, params, accelerator)
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
@@ -278,20 +289,24 @@ def _train(config: TrainConfig) -> Path:
             from safetensors.torch import save_file
 
             save_file(policy_snapshot(raw_unet, config.finetune), str(folder / "old_policy.safetensors"))
-        names = []
+        extension = "gif" if stack.is_video else "png"  # a clip (F, 3, H, W) as a looping GIF
         if online.save_images:
             from diffpo.eval.generate import to_pil
+            from diffpo.eval.video import save_gif
 
-            for j, image in enumerate(to_pil(images)):
+            for j, sample in enumerate(images):
                 g, s = divmod(j, local_g)
-                name = f"images/g{g:04d}-s{accelerator.process_index * local_g + s}.png"
-                image.save(folder / name)
+                name = f"images/g{g:04d}-s{accelerator.process_index * local_g + s}.{extension}"
+                if stack.is_video:
+                    save_gif(sample, folder / name, fps=4)
+                else:
+                    to_pil(sample[None])[0].save(folder / name)
         # this process's seconds: sampling (denoiser + VAE decode) and every reward head
         (folder / f"timing{suffix}.json").write_text(json.dumps({"sampling_s": sampled - started, "reward_s": scored - sampled}))
         if accelerator.is_main_process:
             (folder / SCORES_FILE).write_text(json.dumps({k: v.tolist() for k, v in tables.items()}))
             g_all = online.samples_per_prompt
-            names = [[f"images/g{g:04d}-s{s}.png" for s in range(g_all)] if online.save_images else []
+            names = [[f"images/g{g:04d}-s{s}.{extension}" for s in range(g_all)] if online.save_images else []
                      for g in range(len(prompts))]
             round_files.write_manifest(folder, index, prompts, g_all, names)
         accelerator.wait_for_everyone()

@@ -140,8 +140,8 @@ def _train(config: TrainConfig) -> Path:
                           "has none: on DDPM models set online.eta > 0, on flow models online.sampler.name=flow_sde, "
                           "dance_sde or cps with noise_level > 0")
     if stack.is_video and config.method != "seppo":
-        raise ConfigError(f"method={config.method} does not train video models yet (SePPO does): use method=seppo, or "
-                          "method=diffusion_dpo / sft on video preference pairs")
+        raise ConfigError(f"method={config.method} does not train video models yet: use method=seppo, method=grpo / ddpo / "
+                          "nft on rewards, or method=diffusion_dpo / sft on video preference pairs")
     if not is_d3po:
         check_frames(config.data, stack)
     # the reference is a past state of the policy (D3PO: base or previous round; SePPO: a pool draw);
@@ -162,7 +162,7 @@ def _train(config: TrainConfig) -> Path:
         unet.enable_gradient_checkpointing()
     resolution = stack.native_resolution
     check_memory(config, stack, config.data.resolution or resolution, accelerator.device, weight_dtype.itemsize)
-    latent_shape = (stack.latent_channels, resolution // stack.vae_scale_factor, resolution // stack.vae_scale_factor)
+    latent_shape = stack.latent_shape(resolution)  # D3PO: images (video models are refused above)
     empty_text = stack.encode_prompts([""])
 
     rewards, loader, winners = {}, None, None
