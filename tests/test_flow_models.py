@@ -353,7 +353,7 @@ def test_eval_samples_flow_pipelines_on_fixed_seeds_and_a_fresh_lora_equals_the_
 
 
 def test_flow_quickstart_preset_runs_end_to_end(tmp_path, tiny_sd3_dir):
-    """configs/quickstart_flow.yaml (candidates sharing x_T through the flow SDE, sigma drawn uniformly),
+    """configs/quickstart_flow.yaml (Euler-ODE candidates with their own x_T, sigma drawn uniformly),
     shortened, on a random tiny SD3 in place of the bundled flow model: pairs, training, report."""
     from diffpo.config import load_config
     from diffpo.quickstart import QuickstartConfig, default_config_path, run_quickstart
@@ -372,4 +372,5 @@ def test_flow_quickstart_preset_runs_end_to_end(tmp_path, tiny_sd3_dir):
 
     saved = yaml.safe_load((tmp_path / "qs" / "train" / "config.yaml").read_text())
     assert saved["model"]["timestep_sampling"] == "uniform"
+    assert config.sample_eta == 0.0 and not config.share_initial_noise  # ODE candidates, own x_T each
     assert (tmp_path / "qs" / "train" / "final" / "pytorch_lora_weights.safetensors").is_file()
