@@ -338,8 +338,16 @@ def _motion_verdict(right_fraction: float) -> str:
     """One honest line on whether the motion modules follow the caption's direction (chance: 1 in 4)."""
     if right_fraction < 0.4:
         return ("The shapes are drawn and animated, but the motion modules have not learned to follow the caption's "
-                "direction (about chance, 25%, for 4 directions): more steps (`--steps`, `--max-minutes`) are the next step.")
+                "direction (about chance, 25%, for 4 directions); see the recipe notes above for what was measured.")
     return "The motion modules follow the caption's direction well above chance (25% for 4 directions)."
+
+
+def _travel_text(card: dict) -> str:
+    """How far the training clips travel, in words."""
+    lo, hi = card["travel_of_room"]
+    if not (lo or hi):
+        return "25-35% of the side"
+    return f"{100 * lo:.0f}-{100 * hi:.0f}% of the room the image leaves the shape along its motion"
 
 
 def _measured_rows(samples: dict) -> str:
@@ -389,23 +397,24 @@ Weights: {card["safetensors_bytes"] / 1e6:.1f} MB of safetensors in all.
 
 ## Training (reproducible: `python scripts/train_tiny_video_shapes.py {card["command"]}`)
 - data: {card["dataset_size"]} synthetic clips drawn with PIL by `diffpo.data.moving_shapes` (extent 30-45% of the side,
-  travelling 75-100% of the room the image leaves it: 0.37-0.64 of the side), frames encoded once by the frozen VAE, seed {card["seed"]}
+  travelling {_travel_text(card)}), frames encoded once by the frozen VAE, seed {card["seed"]}
 - {card["steps"]} steps (of {card["steps_planned"]} planned; the loop stops at a wall-clock cap of {card["max_minutes"]:g} min), batch {card["batch_size"]} clips,
   AdamW: motion modules {card["motion_lr"]}, spatial UNet {card["spatial_lr"]}, text encoder {card["text_lr"]} (50 warmup, cosine),
   epsilon objective with each sample weighted by clamp(1/SNR(t), 1, {card["x0_weight_cap"]:g}) (the x0 error at high noise,
-  where the caption's direction decides where the shape is), 10% caption dropout,
+  where the caption's direction decides where the shape is), auxiliary direction loss x {card["direction_loss_weight"]:g}, 10% caption dropout,
   EMA {card["ema"]} (exported); loss {card["first_loss"]:.4f} (first 20 steps) -> {card["final_loss"]:.4f} (last 50); `training_log.jsonl`
 - wall time {card["wall_seconds"] / 60:.1f} min on {card["threads"]} CPU threads (encoding {card["encode_seconds"]:.0f} s), sharing the machine with other work
 {RECIPE_NOTES}
 ## Measured after training (written by the script)
 {samples["clips"]} clips ({samples["captions"]} captions x {samples["seeds"]} seeds, guidance 5; 95% bootstrap CIs over captions).
-`motion-match`: travel along the caption's direction in image sides (the training clips travel 0.37-0.64);
+`motion-match`: travel along the caption's direction in image sides (the training clips travel {_travel_text(card)});
 "right way": the fraction of clips whose `motion-match` exceeds 0.05 (chance about 25% for 4 directions).
 `colour-match`: caption colours present and a shape, on the frames.
 
 | DDIM steps | right way | motion-match | colour-match |
 |---|---|---|---|
 {_measured_rows(samples)}
+
 {_motion_verdict(min(samples[k]["right_direction_fraction"] for k in samples if k.startswith("ddim_")))}
 """
     (out / "README.md").write_text(text)
