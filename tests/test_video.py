@@ -344,6 +344,22 @@ def test_motion_match_scores_travel_along_the_caption_direction():
         head(videos[:, 0], prompts)
 
 
+def test_long_paths_travel_most_of_the_room_and_the_default_draws_are_unchanged():
+    from diffpo.data.moving_shapes import MotionSpec, draw_moving_shape
+    from diffpo.rewards import load
+
+    spec = MotionSpec("circle", "white", "black", "right")
+    default = draw_moving_shape(spec, 32, 4, np.random.default_rng(3))
+    explicit = draw_moving_shape(spec, 32, 4, np.random.default_rng(3), None)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(default, explicit))
+    # the whole room: the shape ends where the image leaves it no further to go
+    full = _as_tensor(draw_moving_shape(spec, 32, 4, np.random.default_rng(3), (1.0, 1.0)))
+    rng = np.random.default_rng(3)
+    half = rng.uniform(0.30, 0.45) * 16
+    score = float(load("motion-match")(full[None], [spec.caption])[0])
+    assert score == pytest.approx((32 - 2 * half - 2) / 32, abs=0.04)
+
+
 def test_mp4_clips_decode_through_imageio_ffmpeg(tmp_path):
     pytest.importorskip("imageio_ffmpeg")
     from diffpo.data.videos import decode_video

@@ -56,15 +56,19 @@ def parse_motion_caption(caption: str) -> MotionSpec | None:
     return MotionSpec(shape, colour, background, direction)
 
 
-def draw_moving_shape(spec: MotionSpec, size: int, frames: int, rng: np.random.Generator) -> list[Image.Image]:
+def draw_moving_shape(spec: MotionSpec, size: int, frames: int, rng: np.random.Generator,
+                      travel_of_room: tuple[float, float] | None = None) -> list[Image.Image]:
     """``frames`` images of ``spec``: extent 30-45% of the side, travelling 25-35% of the side in
-    all (evenly per frame, whatever the frame count) from a start that keeps it inside the image."""
+    all (evenly per frame, whatever the frame count) from a start that keeps it inside the image.
+    With ``travel_of_room=(lo, hi)`` the path is instead lo-hi of the room the image leaves the
+    shape along its motion ((0.75, 1.0): 0.37-0.64 of a 32 px side), for training data in which the
+    direction is a larger part of the picture; the default draws (and random stream) are unchanged."""
     if frames < 2:
         raise ValueError(f"a moving shape needs at least 2 frames, got {frames}")
     half = rng.uniform(0.30, 0.45) * size / 2
-    travel = rng.uniform(0.25, 0.35) * size
-    dx, dy = DIRECTIONS[spec.direction]
     low, high = half + 1, size - half - 1
+    travel = rng.uniform(0.25, 0.35) * size if travel_of_room is None else rng.uniform(*travel_of_room) * (high - low)
+    dx, dy = DIRECTIONS[spec.direction]
     start = []
     for d in (dx, dy):  # along the motion the start leaves room for the whole path
         lo, hi = (low, high - travel) if d > 0 else (low + travel, high) if d < 0 else (low, high)
@@ -73,12 +77,14 @@ def draw_moving_shape(spec: MotionSpec, size: int, frames: int, rng: np.random.G
     return [draw_shape_at(spec.still, size, start[0] + dx * s, start[1] + dy * s, half) for s in steps]
 
 
-def sample_moving_shapes(count: int, size: int = 32, frames: int = 4, seed: int = 0) -> list[tuple[list[Image.Image], str]]:
-    """``count`` (frames, caption) clips drawn uniformly over all specs, reproducible from ``seed``."""
+def sample_moving_shapes(count: int, size: int = 32, frames: int = 4, seed: int = 0,
+                         travel_of_room: tuple[float, float] | None = None) -> list[tuple[list[Image.Image], str]]:
+    """``count`` (frames, caption) clips drawn uniformly over all specs, reproducible from ``seed``
+    (``travel_of_room``: see ``draw_moving_shape``)."""
     rng = np.random.default_rng(seed)
     specs = all_motion_specs()
     picks = rng.integers(0, len(specs), size=count)
-    return [(draw_moving_shape(specs[i], size, frames, rng), specs[i].caption) for i in picks]
+    return [(draw_moving_shape(specs[i], size, frames, rng, travel_of_room), specs[i].caption) for i in picks]
 
 
 def motion_captions(count: int | None = None, seed: int = 0) -> list[str]:
