@@ -3,12 +3,16 @@
 Takes a ``diffpo prompt quickstart`` run: its SFT rewriter is the start (and the DPO reference) of
 every arm, its round-0 ``pairs.jsonl`` the data, its round-0 training config the settings; the
 only difference between arms is alpha. The quickstart's own round-0 model is the arm with its
-alpha; the other alphas are trained here. Every arm (and the SFT start) is evaluated on the same
+alpha; the other alphas are trained here (with ``--pairing`` or ``--steps`` every arm is trained
+here, on pairs rebuilt from round 0's candidates). Every arm (and the SFT start) is evaluated on the same
 held-out requests and seeds: combined reward, win rate over the user's originals, meaning-match
 faithfulness, meaning accuracy and semantic similarity, each with a 95% bootstrap CI over prompts.
 
     python scripts/prompt_semdpo_vs_dpo.py --run runs/prompt-quickstart --alphas 0 1 --heldout 120 \\
         --out runs/semdpo-vs-dpo --figure docs/prompt_semdpo_vs_dpo.png
+    # every candidate pair of round 0, more steps, larger alphas (docs/prompt_semdpo_alpha_sweep.png):
+    python scripts/prompt_semdpo_vs_dpo.py --run runs/prompt-quickstart --alphas 0 10 30 --pairing all --steps 20 \\
+        --out runs/semdpo-alpha --figure docs/prompt_semdpo_alpha_sweep.png
 """
 
 from __future__ import annotations

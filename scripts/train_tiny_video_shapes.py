@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffpo.data.moving_shapes import DIRECTIONS, all_motion_specs, sample_moving_shapes
+from diffpo.data.moving_shapes import DIRECTIONS, all_motion_specs, parse_motion_caption, sample_moving_shapes
 from diffpo.models.tiny import motion_unet_from_image_unet, tiny_motion_adapter_config
 
 # How the recipe was chosen; the model card repeats it.
@@ -81,7 +81,8 @@ def to_tensor(images) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_clips(vae, tokenizer, count: int, frames: int, seed: int, travel_of_room=None):
-    """Latent mean/std (N, C, F, h, w) of ``count`` fixed clips and their token ids."""
+    """Latent mean/std (N, C, F, h, w) of ``count`` fixed clips, their token ids and the index in
+    DIRECTIONS of each clip's direction (read from its caption)."""
     clips = sample_moving_shapes(count, size=32, frames=frames, seed=seed, travel_of_room=travel_of_room)
     means, stds = [], []
     for start in range(0, count, 64):
@@ -91,15 +92,9 @@ def encode_clips(vae, tokenizer, count: int, frames: int, seed: int, travel_of_r
         means.append(dist.mean.view(n, frames, *dist.mean.shape[1:]).transpose(1, 2))
         stds.append(dist.std.view(n, frames, *dist.std.shape[1:]).transpose(1, 2))
     ids = tokenizer([c for _, c in clips], padding="max_length", truncation=True, return_tensors="pt").input_ids
-    return torch.cat(means), torch.cat(stds), ids
-
-
-def direction_labels(count: int, frames: int, seed: int) -> torch.Tensor:
-    """The index in DIRECTIONS of each of ``encode_clips``' clips (the same draw: same count and seed)."""
-    specs = all_motion_specs()
-    picks = np.random.default_rng(seed).integers(0, len(specs), size=count)
     order = list(DIRECTIONS)
-    return torch.tensor([order.index(specs[i].direction) for i in picks])
+    directions = torch.tensor([order.index(parse_motion_caption(c).direction) for _, c in clips])
+    return torch.cat(means), torch.cat(stds), ids, directions
 
 
 def main() -> None:
@@ -156,9 +151,8 @@ def main() -> None:
                     if "motion_modules" in name and name.endswith("proj_out"):
                         module.weight.normal_(0.0, args.motion_out_init_std, generator=init_generator)
     vae.requires_grad_(False)
-    means, stds, input_ids = encode_clips(vae, tokenizer, args.dataset_size, args.frames, args.seed + 1,
-                                          tuple(args.travel_of_room) if any(args.travel_of_room) else None)
-    directions = direction_labels(args.dataset_size, args.frames, args.seed + 1)
+    means, stds, input_ids, directions = encode_clips(vae, tokenizer, args.dataset_size, args.frames, args.seed + 1,
+                                                      tuple(args.travel_of_room) if any(args.travel_of_room) else None)
     # a fixed random read-out of the caption's direction from the text encoder's tokens (never trained, never saved)
     probe = torch.randn(len(DIRECTIONS), text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
     scaling = vae.config.scaling_factor
@@ -294,7 +288,7 @@ def save_samples(pipe, out: Path, seed: int, frames: int, num_captions: int, see
     per row; 25 DDIM steps, guidance 5) and, for each of ``step_counts`` DDIM steps (guidance 5),
     the motion / colour rewards of ``seeds`` seeds of ``num_captions`` held-out-seed captions, with
     95% bootstrap CIs over captions (a caption's seeds resampled together)."""
-    from diffpo.data.moving_shapes import motion_captions, parse_motion_caption
+    from diffpo.data.moving_shapes import motion_captions
     from diffpo.eval.stats import describe
     from diffpo.eval.video import save_gif
     from diffpo.rewards import load as load_reward
