@@ -208,6 +208,8 @@ gathered = {k: gather_groups(accelerator, v) for k, v in local.items()}
 advantages = combine(gathered, {"a": 1.0, "b": 0.5})
 json.dump({"gathered": {k: v.tolist() for k, v in gathered.items()}, "advantages": advantages.tolist()},
           open(sys.argv[1] + f"-{n}-{p}.json", "w"))
+accelerator.wait_for_everyone()
+accelerator.end_training()  # tear the process group down before exit: gloo aborts a rank left holding it
 """
 
 
