@@ -133,3 +133,30 @@ def test_flow_candidates_share_x_T_and_differ_only_through_the_flow_sde():
     windowed = _sample_flow_sde(dataclasses.replace(config, sample_window=[0, 1], **sde), stack, prompts, x_T)
     assert (windowed[0] - windowed[1]).abs().mean() > 1e-3
     assert (windowed - ode).abs().mean() < (first - ode).abs().mean()
+
+
+def test_video_seppo_quickstart_preset_picks_deterministic_winners_and_attention_lora(tmp_path):
+    """``diffpo quickstart model=video method=seppo`` picks ``quickstart_seppo_video.yaml``: each caption's
+    winner is the best of its own-x_T DDIM clips, the pool references sample clips of the winners' shape,
+    and the LoRA covers attention only; shortened here to two steps."""
+    import pandas as pd
+    import yaml
+
+    from diffpo.quickstart import default_config_path
+
+    assert default_config_path("seppo", "video").name == "quickstart_seppo_video.yaml"
+    out = tmp_path / "seppo-video"
+    short = ["train.max_steps=2", "eval_seeds_per_prompt=1", "eval_steps=2", "sample_steps=2", "num_prompts=2",
+             "heldout_prompts=2", "eval_seen_prompts=2", "train.train_batch_size=2", "train.online.num_inference_steps=2"]
+    result = subprocess.run([sys.executable, "-m", "diffpo", "quickstart", "model=video", "method=seppo",
+                             f"output_dir={out}", *short], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["method"] == "seppo" and summary["pairs"] == 2  # one winner per training caption
+    saved = yaml.safe_load((out / "train" / "config.yaml").read_text())
+    assert saved["lora"]["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"] and saved["ema"]["enabled"] is False
+    assert saved["data"]["num_frames"] == 4
+    quickstart = yaml.safe_load((out / "config.yaml").read_text())
+    assert quickstart["sample_eta"] == 0.0 and quickstart["share_initial_noise"] is False
+    winners = pd.read_parquet(out / "pairs.parquet")
+    assert len(winners) == 2
