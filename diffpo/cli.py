@@ -50,8 +50,8 @@ def _cache(args) -> None:
         bad = len(cached_bad_samples(folder))
         print(f"cache of {len(pairs)} pairs in {folder} ({state.num_processes} process(es))"
               + (f"; {bad} bad samples skipped, listed in {folder}/bad_samples.jsonl" if bad else ""))
-    state.wait_for_everyone()
-    state.destroy_process_group()  # a rank that exits still holding a gloo group can abort at teardown
+    # build_cache ended on a barrier; a rank that exits still holding a gloo group can abort at teardown
+    state.destroy_process_group()
 
 
 def _data_check(args) -> None:
