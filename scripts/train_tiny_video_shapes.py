@@ -283,11 +283,12 @@ def main() -> None:
 
 @torch.no_grad()
 def save_samples(pipe, out: Path, seed: int, frames: int, num_captions: int, seeds: int,
-                 step_counts=(10, 25)) -> dict:
+                 step_counts=(10, 25), call_kwargs: dict | None = None) -> dict:
     """``samples.gif`` (the clips of SAMPLE_CAPTIONS side by side), ``samples.png`` (one film strip
     per row; 25 DDIM steps, guidance 5) and, for each of ``step_counts`` DDIM steps (guidance 5),
     the motion / colour rewards of ``seeds`` seeds of ``num_captions`` held-out-seed captions, with
-    95% bootstrap CIs over captions (a caption's seeds resampled together)."""
+    95% bootstrap CIs over captions (a caption's seeds resampled together). ``call_kwargs`` go to
+    every pipeline call (a WanPipeline needs its height and width)."""
     from diffpo.data.moving_shapes import motion_captions
     from diffpo.eval.stats import describe
     from diffpo.eval.video import save_gif
@@ -296,7 +297,7 @@ def save_samples(pipe, out: Path, seed: int, frames: int, num_captions: int, see
     def videos(prompts, seeds, steps):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         result = pipe(prompt=prompts, num_frames=frames, num_inference_steps=steps, guidance_scale=5.0,
-                      generator=generators, output_type="pt")
+                      generator=generators, output_type="pt", **(call_kwargs or {}))
         return result.frames.float().clamp(0, 1)  # (B, F, 3, H, W)
 
     shown = videos(SAMPLE_CAPTIONS, [seed * 1000 + i for i in range(len(SAMPLE_CAPTIONS))], 25)

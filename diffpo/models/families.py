@@ -574,7 +574,7 @@ class WanFamily(StableDiffusion3Family):
         multiple = self.vae_scale_factor(stack.vae) * max(getattr(stack.unet, "module", stack.unet).config.patch_size[1:])
         if resolution % multiple:
             raise ValueError(f"{section}.resolution={resolution} is not a multiple of {multiple} (the Wan VAE's factor "
-                             f"{self.vae_scale_factor(stack.vae)} x the 2x2 patch): use "
+                             f"{self.vae_scale_factor(stack.vae)} x the transformer's patch): use "
                              f"{max(multiple, round(resolution / multiple) * multiple)}")
 
     def check_frames(self, vae, num_frames: int | None, key: str = "num_frames") -> None:
@@ -582,7 +582,7 @@ class WanFamily(StableDiffusion3Family):
         if num_frames is None or num_frames < 1 or (num_frames - 1) % factor:
             ok = ", ".join(str(factor * k + 1) for k in range(4))
             nearest = max(1, round(((num_frames or 1) - 1) / factor)) * factor + 1
-            raise ValueError(f"{key}={num_frames}: the Wan VAE takes 4k+1 frames ({ok}, ..., 81): use {nearest}")
+            raise ValueError(f"{key}={num_frames}: the Wan VAE takes {factor}k+1 frames ({ok}, ...): use {nearest}")
 
     @torch.no_grad()
     def encode_pixels(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -616,7 +616,7 @@ class WanFamily(StableDiffusion3Family):
         if num_frames is None:
             raise ValueError("WanPipeline is a video model: give sampling.num_frames (4k+1)")
         self.check_frames(pipe.vae, num_frames, "sampling.num_frames")
-        side = side or self.native_side // self.vae_scale_factor(pipe.vae)
+        side = side or self.native_latent_side(pipe.transformer, pipe.vae)
         return (int(pipe.vae.config.z_dim), self.latent_frames(pipe.vae, num_frames), side, side)
 
     def pipeline_inputs(self, pipe, latents: torch.Tensor, guidance_scale: float, eta: float) -> dict:
@@ -628,8 +628,14 @@ class WanFamily(StableDiffusion3Family):
         factor = self.vae_scale_factor(pipe.vae)
         return {"latents": latents, "guidance_scale": guidance_scale, "height": h * factor, "width": w * factor}
 
+    def native_latent_side(self, transformer, vae) -> int:
+        """The transformer config's ``sample_size`` (latent side) where a folder records one, as the
+        bundled tiny model does (32 px clips); else the pipeline's default height over the VAE factor."""
+        recorded = getattr(getattr(transformer, "module", transformer).config, "sample_size", None)
+        return int(recorded) if recorded else self.native_side // self.vae_scale_factor(vae)
+
     def native_resolution(self, stack) -> int:
-        return self.native_side
+        return self.native_latent_side(stack.unet, stack.vae) * self.vae_scale_factor(stack.vae)
 
 
 class Wan22TI2VFamily(WanFamily):
