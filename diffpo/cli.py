@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "Diffusion-DPO LoRA, and report reward before/after and the win rate.")
     quick.add_argument("--config", default=None, help="optional YAML (default: built-in, as configs/quickstart.yaml)")
     quick.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/qs method=sft train.max_steps=100; "
-                                                    "model=video: the bundled text-to-video model (configs/quickstart_video.yaml)")
+                                                    "model=video: the bundled AnimateDiff model (configs/quickstart_video.yaml); "
+                                                    "model=wan: the bundled Wan2.1-layout model, aligned to motion "
+                                                    "(configs/quickstart_wan.yaml); model=flow: the bundled SD3-layout model")
     quick.set_defaults(func=_quickstart)
 
     evaluate = commands.add_parser(

@@ -36,7 +36,7 @@ class QuickstartConfig:
     output_dir: str = "runs/quickstart"
     method: str = "diffusion_dpo"
     seed: int = 0
-    model: str = "tiny"  # tiny (images), video (the bundled video model), or a diffusers folder / hub id
+    model: str = "tiny"  # tiny (images), flow, video (AnimateDiff), wan (Wan2.1 layout), or a diffusers folder / hub id
     num_frames: int = 4  # video models: frames per clip, sampled, trained and evaluated
     heldout_prompts: int = 30  # captions kept out of training (pairs, D3PO rounds, rendered winners): the headline evaluation
     reward: str = "colour-match"  # the reward that labels the pairs: a name in diffpo.rewards.REWARDS
@@ -78,10 +78,11 @@ QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo
                       "smpo": "quickstart_smpo.yaml", "grpo": "quickstart_grpo.yaml", "nft": "quickstart_nft.yaml"}
 # a method's own preset on a model: these win over the model's and the method's
 METHOD_MODEL_PRESETS = {("grpo", "flow"): "quickstart_grpo_flow.yaml", ("nft", "flow"): "quickstart_nft_flow.yaml",
-                        ("grpo", "video"): "quickstart_grpo_video.yaml", ("seppo", "video"): "quickstart_seppo_video.yaml"}
+                        ("grpo", "video"): "quickstart_grpo_video.yaml", ("seppo", "video"): "quickstart_seppo_video.yaml",
+                        ("grpo", "wan"): "quickstart_grpo_wan.yaml"}
 ONLINE_RL = ("grpo", "ddpo", "nft")  # methods that sample and score their own rounds (as D3PO), from rewards
-MODEL_PRESETS = {"video": "quickstart_video.yaml", "flow": "quickstart_flow.yaml"}  # model presets, whatever the method
-QUICKSTART_MODELS = {"video": "tiny-video", "flow": "tiny-flow"}  # quickstart model names -> bundled models
+MODEL_PRESETS = {"video": "quickstart_video.yaml", "flow": "quickstart_flow.yaml", "wan": "quickstart_wan.yaml"}  # model presets, whatever the method
+QUICKSTART_MODELS = {"video": "tiny-video", "flow": "tiny-flow", "wan": "tiny-wan"}  # quickstart model names -> bundled models
 WINNERS_ONLY = ("seppo", "dro")  # methods that train on preferred images alone (SePPO winners, DRO experts)
 
 

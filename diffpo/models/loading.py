@@ -11,7 +11,8 @@ import torch
 from diffpo.models.families import TextEmbeddings, family_for
 from diffpo.resources import assets_dir
 
-BUNDLED = {"tiny": "tiny-sd-shapes", "tiny-video": "tiny-video-shapes", "tiny-flow": "tiny-flow-shapes"}
+BUNDLED = {"tiny": "tiny-sd-shapes", "tiny-video": "tiny-video-shapes", "tiny-flow": "tiny-flow-shapes",
+           "tiny-wan": "tiny-wan-shapes"}
 
 
 def resolve_source(pretrained: str) -> str:
