@@ -79,7 +79,7 @@ QUICKSTART_PRESETS = {"d3po": "quickstart_d3po.yaml", "seppo": "quickstart_seppo
 # a method's own preset on a model: these win over the model's and the method's
 METHOD_MODEL_PRESETS = {("grpo", "flow"): "quickstart_grpo_flow.yaml", ("nft", "flow"): "quickstart_nft_flow.yaml",
                         ("grpo", "video"): "quickstart_grpo_video.yaml", ("seppo", "video"): "quickstart_seppo_video.yaml",
-                        ("grpo", "wan"): "quickstart_grpo_wan.yaml"}
+                        ("grpo", "wan"): "quickstart_grpo_wan.yaml", ("nft", "wan"): "quickstart_nft_wan.yaml"}
 ONLINE_RL = ("grpo", "ddpo", "nft")  # methods that sample and score their own rounds (as D3PO), from rewards
 MODEL_PRESETS = {"video": "quickstart_video.yaml", "flow": "quickstart_flow.yaml", "wan": "quickstart_wan.yaml"}  # model presets, whatever the method
 QUICKSTART_MODELS = {"video": "tiny-video", "flow": "tiny-flow", "wan": "tiny-wan"}  # quickstart model names -> bundled models

@@ -214,15 +214,7 @@ def main() -> None:
         direction_loss = F.cross_entropy(logits, directions[index][~dropped])
         denoise_loss = loss
         loss = loss + args.direction_loss_weight * direction_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, trained):
-                e.lerp_(p, 1 - decay)
+        step_with_ema(loss, trained, optimizer, schedule, ema_params, args.ema, step)
         losses.append(float(denoise_loss.detach()))
         direction_losses.append(float(direction_loss.detach()))
         if step % 20 == 0:
@@ -279,6 +271,20 @@ def main() -> None:
     (out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
     write_model_card(out, card)
     print(json.dumps(card, indent=2))
+
+
+def step_with_ema(loss, trained: list, optimizer, schedule, ema_params: list, ema: float, step: int) -> None:
+    """Backward, clip the gradient norm to 1, an optimizer and schedule step, then the EMA with a warm-up
+    (decay min(ema, (1 + step) / (10 + step)), so early weights are not frozen into the average)."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    decay = min(ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema_params, trained):
+            e.lerp_(p, 1 - decay)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from diffpo.data.moving_shapes import all_motion_specs, sample_moving_shapes
 from diffpo.models.tiny import tiny_umt5_config, tiny_wan_transformer_config
+from train_tiny_video_shapes import _measured_rows, save_samples, step_with_ema
 
 SIZE = 32
 
@@ -194,15 +195,7 @@ def main() -> None:
         s = sigma.view(-1, 1, 1, 1, 1)
         prediction = transformer(((1 - s) * x0 + s * noise), sigma * 1000, states).sample
         loss = F.mse_loss(prediction, noise - x0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, trained):
-                e.lerp_(p, 1 - decay)
+        step_with_ema(loss, trained, optimizer, schedule, ema_params, args.ema, step)
         losses.append(float(loss))
         if step % 20 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
@@ -221,8 +214,6 @@ def main() -> None:
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=ema_text.eval(), transformer=ema_transformer.eval(),
                        vae=vae, scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
-    from train_tiny_video_shapes import save_samples
-
     samples = save_samples(pipe, out, args.seed, args.frames, args.eval_captions, args.eval_seeds, args.eval_steps,
                            call_kwargs={"height": SIZE, "width": SIZE,
                                                         "max_sequence_length": args.max_sequence_length})
@@ -248,8 +239,6 @@ def main() -> None:
 
 def write_model_card(out: Path, card: dict) -> None:
     """The folder's README: what the model is, how it was trained and measured, how to rebuild it."""
-    from train_tiny_video_shapes import _measured_rows
-
     params, samples = card["parameters"], card["samples"]
     lo, hi = card["travel_of_room"]
     text = f"""# tiny-wan-shapes
