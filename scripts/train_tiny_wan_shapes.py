@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from diffpo.data.moving_shapes import all_motion_specs, sample_moving_shapes
+from diffpo.kernel.noise_process import static_shift
 from diffpo.models.tiny import tiny_umt5_config, tiny_wan_transformer_config
-from train_tiny_video_shapes import _measured_rows, save_samples, step_with_ema
+from train_tiny_video_shapes import _measured_rows, save_samples, step_with_ema, to_tensor
 
 SIZE = 32
 
@@ -53,8 +54,8 @@ def transformer_config(z_dim: int, text_width: int, width: int, heads: int, laye
 
 def clips_tensor(clips) -> torch.Tensor:
     """[(frames, caption)] -> pixels in [-1, 1], (N, 3, F, H, W) (the VAE's layout)."""
-    array = np.stack([np.stack([np.asarray(im, dtype=np.float32) for im in frames]) for frames, _ in clips])
-    return torch.from_numpy(array / 127.5 - 1.0).permute(0, 4, 1, 2, 3).contiguous()
+    frames = to_tensor([im for clip, _ in clips for im in clip])
+    return frames.view(len(clips), -1, *frames.shape[1:]).transpose(1, 2).contiguous()
 
 
 def train_vae(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
@@ -91,8 +92,7 @@ def encode(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def shifted_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """Uniform s, then the scheduler's shift s' = shift s / (1 + (shift - 1) s): more steps at high noise."""
-    s = torch.rand(batch, generator=generator)
-    return shift * s / (1 + (shift - 1) * s)
+    return static_shift(torch.rand(batch, generator=generator), shift)
 
 
 def main() -> None:
